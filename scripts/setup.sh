@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Set up ATM on a fresh machine: a virtual environment in .venv with every extra, pinned by
+# constraints.txt (torch==2.13.0 is the local CPU wheel; any other spec pulls GBs of CUDA).
+# Re-running is cheap: pip skips what is installed; compiled llama.cpp tools are cached
+# under ~/.cache/atm/. Usage: scripts/setup.sh [--tests]   (--tests adds chromium for browser tests)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+stamp=.venv/.atm-installed
+want="$(cat pyproject.toml constraints.txt | sha256sum | cut -c1-16)"
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+  echo "==> installing ATM and its dependencies into .venv (first time: ~15 min, llama.cpp compiles)"
+  .venv/bin/pip install -q -U pip
+  # GGML_NATIVE builds llama.cpp for this CPU; pip caches the wheel so it compiles once.
+  CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF}" \
+    .venv/bin/pip install -q -c constraints.txt -e ".[dev]"
+  echo "$want" > "$stamp"
+fi
+if [ "${1:-}" = "--tests" ]; then
+  if [ ! -x /usr/bin/chromium ]; then
+    echo "==> installing Debian's chromium for the browser tests"
+    if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
+    $SUDO apt-get update -qq && $SUDO apt-get install -y -qq chromium >/dev/null
+  fi
+fi
+# llama.cpp's converter (and llama-server / llama-quantize), from the same llama.cpp version that
+# the installed llama-cpp-python runs; cached under ~/.cache/atm/ after the first build.
+.venv/bin/atm doctor --build

@@ -1,0 +1,9 @@
+"""ATM: can a small fine-tuned LLM give useful market advice?
+
+Stages (one subpackage each): ``market`` (klines, features, labels, splits), ``prompting``
+(encoders, templates, advice schema, preference pairs), ``finetune`` (base models, SFT, ORPO,
+DAPO, merge), ``export`` (GGUF, quantize, registry, Modelfiles), ``serve`` (engines, API,
+Gradio chat) and ``eval`` (harness, metrics, baselines, classic models, backtest, reports).
+"""
+
+__version__ = "0.1.0"

@@ -1,0 +1,102 @@
+"""The ``atm`` command line: ``atm <stage> <verb>``, plus the ``atm-eval`` entry point.
+
+Stage commands live next to their code (``atm/<stage>/cli.py``) and are imported lazily: only
+the module of the command being run is imported, so ``atm --help`` and ``atm data ...`` never pay
+for torch or llama.cpp. Each module exposes ``register(parser)`` which adds its verbs to the
+stage's own parser and sets ``func`` (called with the parsed args; returns an exit code).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from typing import Callable
+
+from atm import __version__
+from atm.errors import AtmError
+
+# name -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "data": ("atm.market.cli", "download Binance klines and build a checked parquet (+ labels, features, splits)"),
+    "prompts": ("atm.prompting.cli", "render market prompts and build preference-pair datasets"),
+    "finetune": ("atm.finetune.cli", "tiny base, SFT / ORPO / DAPO with LoRA, merge"),
+    "export": ("atm.export.cli", "convert to GGUF, quantize, write Modelfiles, check fidelity"),
+    "models": ("atm.export.registry_cli", "list / show / remove registered models (name:tag)"),
+    "serve": ("atm.serve.cli", "serve models through an OpenAI- and Ollama-compatible API"),
+    "chat": ("atm.serve.chat_cli", "open the Gradio chat over market state (a client of `atm serve`)"),
+    "eval": ("atm.eval.cli", "evaluate models against baselines and classic models (same as atm-eval)"),
+    "demo": ("atm.demo", "run the whole path on the shipped sample data"),
+    "doctor": ("atm.doctor", "report which tools (llama.cpp, llama-server, browser, GPU) are found"),
+}
+
+EPILOG = """examples:
+  atm data build --raw datasets/samples/binance --symbol BTCUSDT --out runs/data/btcusdt.parquet
+  atm demo
+  atm-eval run --model atm:q8 --model baseline:majority
+run `atm COMMAND --help` for the verbs of each stage."""
+
+
+class Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    pass
+
+
+def build_parser(wanted: str | None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="atm", description="ATM: market advice from small fine-tuned LLMs, measured honestly.",
+        epilog=EPILOG, formatter_class=Formatter)
+    parser.add_argument("--version", action="version", version=f"atm {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text, formatter_class=Formatter)
+        if name == wanted:
+            mod = importlib.import_module(module)
+            mod.register(p)
+    return parser
+
+
+def run(argv: list[str] | None = None, prog_command: str | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if prog_command:
+        argv = [prog_command, *argv]
+    wanted = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(wanted if wanted in COMMANDS else None)
+    args = parser.parse_args(argv)
+    func: Callable | None = getattr(args, "func", None)
+    if func is None:
+        if args.command:
+            parser.parse_args([args.command, "--help"])
+        parser.print_help()
+        return 0
+    try:
+        rc = func(args)
+    except AtmError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return int(rc or 0)
+
+
+def main(argv: list[str] | None = None) -> None:
+    sys.exit(run(argv))
+
+
+def eval_main(argv: list[str] | None = None) -> None:
+    """``atm-eval ...`` is ``atm eval ...``."""
+    sys.exit(run(argv, prog_command="eval"))
+
+
+def add_config_args(p: argparse.ArgumentParser, recipe_name: str = "--config") -> None:
+    """The standard pair: a YAML file plus repeatable ``--set key=value`` overrides."""
+    p.add_argument(recipe_name, dest="config", default=None, help="YAML config file")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one config key (repeatable), e.g. --set learning_rate=1e-4")
+
+
+if os.environ.get("ATM_DEBUG") == "1":  # pragma: no cover
+    import faulthandler
+
+    faulthandler.enable()

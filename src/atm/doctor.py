@@ -1,0 +1,58 @@
+"""``atm doctor``: what ATM finds on this machine (llama.cpp tools, versions, browser, GPU)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+
+
+def register(p: argparse.ArgumentParser) -> None:
+    p.epilog = "examples:\n  atm doctor\n  atm doctor --build   # fetch llama.cpp's converter and build llama-server"
+    p.add_argument("--build", action="store_true",
+                   help="fetch/build what is missing (converter, llama-server, llama-quantize) into ~/.cache/atm")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=run)
+
+
+def report(build: bool = False) -> dict:
+    from importlib import metadata
+
+    out: dict = {}
+    for pkg in ("torch", "transformers", "trl", "peft", "llama-cpp-python", "fastapi", "gradio"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = None
+    try:
+        from atm.export import llamacpp
+
+        if build:
+            llamacpp.build_tools()
+        out["llama.cpp"] = llamacpp.describe()
+    except ImportError:
+        out["llama.cpp"] = "atm.export.llamacpp not available"
+    out["chromium"] = shutil.which("chromium")
+    out["ollama"] = shutil.which("ollama")
+    try:
+        import torch
+
+        out["cuda"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    except ImportError:
+        out["cuda"] = None
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    rep = report(build=args.build)
+    if args.json:
+        print(json.dumps(rep, indent=2, default=str))
+    else:
+        for k, v in rep.items():
+            if isinstance(v, dict):
+                print(f"{k}:")
+                for kk, vv in v.items():
+                    print(f"  {kk}: {vv}")
+            else:
+                print(f"{k}: {v if v is not None else 'not found'}")
+    return 0

@@ -1,0 +1,1 @@
+"""atm.finetune"""

@@ -1,0 +1,1 @@
+"""Market data: Binance klines in and out, labels, features and chronological splits."""

@@ -1,0 +1,126 @@
+"""Small shared helpers: atomic writes, hashing, provenance, progress."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import platform
+import sys
+import tempfile
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Iterator
+
+TRACKED_PACKAGES = (
+    "atm", "numpy", "pandas", "pyarrow", "torch", "transformers", "trl", "peft", "datasets",
+    "accelerate", "tokenizers", "llama-cpp-python", "scikit-learn", "lightgbm", "fastapi",
+    "gradio", "openai", "ollama",
+)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path, suffix: str = "") -> Iterator[Path]:
+    """Yield a temp path beside ``path``; rename it onto ``path`` only if the block succeeds.
+
+    A crash or an exception leaves no half-written file behind (the temp file is removed).
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix or ".tmp", dir=target.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, target)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def write_json_atomic(path: str | Path, obj: Any) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def sha256_text(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def versions(packages: tuple[str, ...] = TRACKED_PACKAGES) -> dict[str, str]:
+    """Installed versions of the packages that shape an artifact (missing ones omitted)."""
+    out = {"python": platform.python_version()}
+    for name in packages:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def provenance(config: Any = None, **extra: Any) -> dict[str, Any]:
+    """What made an artifact: the config, package versions, command line, time, machine."""
+    if hasattr(config, "to_dict"):
+        config = config.to_dict()
+    return {
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "config": config,
+        "versions": versions(),
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
+        **extra,
+    }
+
+
+def progress(iterable=None, total: int | None = None, desc: str = "", unit: str = "it", **kw):
+    """A tqdm progress bar on stderr (disabled when ATM_NO_PROGRESS=1)."""
+    from tqdm.auto import tqdm
+
+    disable = os.environ.get("ATM_NO_PROGRESS") == "1"
+    return tqdm(iterable, total=total, desc=desc, unit=unit, disable=disable, dynamic_ncols=True,
+                file=sys.stderr, **kw)
+
+
+def atm_home() -> Path:
+    """Where ATM keeps its model registry: ``$ATM_HOME`` or the user's data dir."""
+    env = os.environ.get("ATM_HOME")
+    if env:
+        return Path(env).expanduser()
+    from platformdirs import user_data_dir
+
+    return Path(user_data_dir("atm"))
+
+
+def cache_dir() -> Path:
+    """Where compiled and downloaded tools are cached: ``$ATM_CACHE`` or ``~/.cache/atm``."""
+    env = os.environ.get("ATM_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "atm"
+
+
+def repo_root() -> Path | None:
+    """The source checkout (for shipped prompts/, datasets/, eval/ ...) when running from one."""
+    env = os.environ.get("ATM_ROOT")
+    if env:
+        return Path(env)
+    here = Path(__file__).resolve()
+    for parent in here.parents:
+        if (parent / "pyproject.toml").exists() and (parent / "prompts").is_dir():
+            return parent
+    cwd = Path.cwd()
+    if (cwd / "prompts").is_dir():
+        return cwd
+    return None

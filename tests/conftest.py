@@ -1,0 +1,150 @@
+"""Shared fixtures: the real pipeline on the shipped sample, built once per test session.
+
+Each stage's fixture calls that stage's public API (docs/architecture.md), so a downstream test
+runs on what the upstream stage really produces: sample zips -> klines parquet -> dataset -> tiny
+base -> SFT adapter -> merged model -> GGUF files in a temp registry.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+# Thread contention on 2 cores makes torch training 5-20x slower; tests run single-threaded.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("ATM_NO_PROGRESS", "1")
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLES = ROOT / "datasets" / "samples" / "binance"
+SHARED_DATA = ROOT.parent / "shared" / "data" / "binance"
+ARTIFACTS = ROOT / "test-artifacts"
+
+
+@pytest.fixture(scope="session")
+def root() -> Path:
+    return ROOT
+
+
+@pytest.fixture(scope="session")
+def sample_raw() -> Path:
+    """The shipped real Binance sample (Binance's own layout)."""
+    return SAMPLES
+
+
+@pytest.fixture(scope="session")
+def artifacts_dir() -> Path:
+    ARTIFACTS.mkdir(exist_ok=True)
+    return ARTIFACTS
+
+
+@pytest.fixture(scope="session")
+def session_tmp(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("pipeline")
+
+
+@pytest.fixture(scope="session")
+def btc_parquet(session_tmp) -> Path:
+    from atm.market.klines import build_klines
+
+    out = session_tmp / "btcusdt.parquet"
+    build_klines(SAMPLES, "BTCUSDT", interval="1m", out=out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def sample_dataset(session_tmp, btc_parquet) -> Path:
+    """The seed-json / seed.yaml preference dataset built from the BTCUSDT sample."""
+    from atm.prompting.dataset import BuildConfig, build_dataset
+
+    cfg = BuildConfig(klines=str(btc_parquet), encoder="seed-json",
+                      template=str(ROOT / "prompts" / "seed.yaml"), label="seed", pairs="random",
+                      out=str(session_tmp / "datasets" / "btc-seed"))
+    return build_dataset(cfg)
+
+
+@pytest.fixture(scope="session")
+def tiny_base(session_tmp, sample_dataset) -> Path:
+    from atm.finetune.base import TinyBaseConfig, build_tiny_base
+
+    return build_tiny_base(sample_dataset, session_tmp / "base-tiny", TinyBaseConfig())
+
+
+@pytest.fixture(scope="session")
+def tiny_sft(session_tmp, sample_dataset, tiny_base) -> Path:
+    """A short real SFT run with the tiny-cpu recipe (LoRA adapter)."""
+    from atm.finetune.train import train
+
+    return train("sft", ROOT / "finetune" / "tiny-cpu.yaml", overrides=[
+        f"model={tiny_base}", f"data={sample_dataset}", f"output_dir={session_tmp / 'sft'}",
+        "max_steps=30"])
+
+
+@pytest.fixture(scope="session")
+def tiny_merged(session_tmp, tiny_sft) -> Path:
+    from atm.finetune.merge import merge
+
+    return merge(tiny_sft, session_tmp / "sft-merged")
+
+
+@pytest.fixture(scope="session")
+def atm_home(session_tmp) -> Path:
+    home = session_tmp / "atm-home"
+    home.mkdir(exist_ok=True)
+    return home
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(tiny_merged, atm_home, monkeypatch_session):
+    """atm:f16, atm:q8 and atm:q4 of the tiny merged model, in a temp registry ($ATM_HOME)."""
+    from atm.export.gguf import export_gguf
+
+    monkeypatch_session.setenv("ATM_HOME", str(atm_home))
+    return export_gguf(tiny_merged, name="atm", quants=("q8_0", "q4_k_m"), home=atm_home)
+
+
+@pytest.fixture(scope="session")
+def monkeypatch_session():
+    mp = pytest.MonkeyPatch()
+    yield mp
+    mp.undo()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def port() -> int:
+    return free_port()
+
+
+def run_cli(*args: str, check: bool = True, env: dict | None = None, timeout: float = 600,
+            cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Run the real `atm` CLI in a subprocess (as a user would)."""
+    full_env = {**os.environ, **(env or {})}
+    proc = subprocess.run([sys.executable, "-m", "atm", *args], capture_output=True, text=True,
+                          env=full_env, timeout=timeout, cwd=cwd or ROOT)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"atm {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def cli():
+    return run_cli
+
+
+def have(binary: str) -> bool:
+    return shutil.which(binary) is not None
