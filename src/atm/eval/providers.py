@@ -1,0 +1,104 @@
+"""Providers: one small interface behind every ``--model`` spec, resolved through a lazy registry.
+
+``--model`` takes ``PREFIX:REST`` (``atm:q8``, ``openai:MODEL@BASE_URL``, ``ollama:NAME``, ``hf:PATH``,
+``baseline:majority``, ``classic:lgbm[@runs/classic/X]``). The registry maps a prefix to
+``"module:Class"`` and imports the module only when that prefix is used, so evaluating baselines
+never imports torch or llama.cpp (the lm-eval style).
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import asdict, dataclass, field
+from typing import Any, Sequence
+
+from atm.errors import AtmError
+
+ADVICES = ("BUY", "NOOP", "SELL")
+
+
+@dataclass
+class Prediction:
+    """One model's answer for one item. Invalid answers are kept (valid=False, reason=...)."""
+
+    id: str
+    raw: str | None = None
+    advice: str | None = None
+    predicted_change: float | None = None
+    probs: dict[str, float] | None = None  # class probabilities (loglik mode, classic models)
+    valid: bool = False
+    reason: str | None = None  # why invalid (or why the request failed)
+    latency: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class Provider:
+    """The interface: a name, optional fitting on train items, and batched prediction.
+
+    ``items`` are rows (dicts) of a dataset's ``items`` view (docs/architecture.md). ``mode`` is
+    ``"generate"`` or ``"loglik"``; a provider that cannot do loglik says so via ``supports_loglik``
+    and the harness falls back to generate.
+    """
+
+    spec: str = ""
+    supports_loglik: bool = False
+    needs_fit: bool = False
+
+    def __init__(self, spec: str, arg: str, **options: Any):
+        self.spec = spec
+        self.arg = arg
+        self.options = options
+
+    def fit(self, dataset_dir: str, train_items: Sequence[dict]) -> None:  # pragma: no cover - default
+        """Train on the dataset's train split (baselines and classic models); LLMs do nothing."""
+
+    def predict(self, items: Sequence[dict], mode: str = "generate") -> list[Prediction]:
+        raise NotImplementedError
+
+    def describe(self) -> dict[str, Any]:
+        """What to record in the run manifest about this provider (versions, paths, hashes)."""
+        return {"spec": self.spec}
+
+    def close(self) -> None:
+        """Release engines / processes started for the run."""
+
+
+# prefix -> "module:Class"; modules are imported only when their prefix is used.
+REGISTRY: dict[str, str] = {
+    "atm": "atm.eval.llm:AtmProvider",
+    "openai": "atm.eval.llm:OpenAIProvider",
+    "ollama": "atm.eval.llm:OllamaProvider",
+    "hf": "atm.eval.llm:HFProvider",
+    "baseline": "atm.eval.baselines:BaselineProvider",
+    "classic": "atm.eval.classic:ClassicProvider",
+}
+
+VALID_FORMS = (
+    "atm:TAG (a registry name, e.g. atm:q8)",
+    "openai:MODEL@BASE_URL (any OpenAI-compatible server)",
+    "ollama:NAME (an Ollama server at OLLAMA_HOST)",
+    "hf:PATH (a Hugging Face model dir or hub id, transformers)",
+    "baseline:random|majority|prior|momentum|persistence",
+    "classic:logreg|lgbm|cnn|lstm[@RUN_DIR]",
+)
+
+
+def parse_spec(spec: str) -> tuple[str, str]:
+    prefix, sep, rest = spec.partition(":")
+    if not sep or prefix not in REGISTRY:
+        # registry names of other namespaces (e.g. mymodel:q4) resolve through the model registry
+        if sep and rest and prefix.isidentifier():
+            return "atm", spec
+        raise AtmError(f"unknown model {spec!r}; valid forms:\n  " + "\n  ".join(VALID_FORMS))
+    return prefix, rest
+
+
+def get_provider(spec: str, **options: Any) -> Provider:
+    prefix, rest = parse_spec(spec)
+    module_name, cls_name = REGISTRY[prefix].split(":")
+    module = importlib.import_module(module_name)
+    cls = getattr(module, cls_name)
+    return cls(spec, rest, **options)
