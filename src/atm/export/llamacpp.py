@@ -1,0 +1,350 @@
+"""The llama.cpp toolchain that matches the installed llama-cpp-python.
+
+Why one source for everything: the GGUF converter, the quantizer, ``llama-server`` and the
+Python bindings must agree on the GGUF format and tokenizer handling. llama-cpp-python's source
+distribution vendors the exact llama.cpp it runs (``vendor/llama.cpp``: ``convert_hf_to_gguf.py``,
+its ``conversion/`` package, the matching ``gguf-py``, and the C++ sources of the tools), so ATM
+fetches that sdist once with pip, caches it under ``~/.cache/atm/llama.cpp/<version>/`` and builds
+``llama-server`` / ``llama-quantize`` from it with cmake. The PyPI ``gguf`` package is older than
+the converter needs (it fails on a missing ``LazyChunkedTensor``), so it is never used.
+
+Overrides: ``$ATM_LLAMA_CPP_DIR`` (a llama.cpp checkout), ``$ATM_LLAMA_SERVER``,
+``$ATM_LLAMA_QUANTIZE`` (binaries), ``$ATM_CACHE`` (cache root).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Iterator
+
+from atm.errors import AtmError, MissingDependency
+from atm.utils import cache_dir
+
+TOOLS = ("llama-server", "llama-quantize")
+CMAKE_FLAGS = (
+    "-DCMAKE_BUILD_TYPE=Release",
+    "-DGGML_NATIVE=ON",  # ties the binary to this CPU type; the cache dir is per machine anyway
+    "-DLLAMA_BUILD_TESTS=OFF",
+    "-DLLAMA_BUILD_EXAMPLES=OFF",
+    "-DLLAMA_BUILD_SERVER=ON",
+    "-DLLAMA_BUILD_TOOLS=ON",
+    "-DLLAMA_USE_PREBUILT_UI=OFF",  # the prebuilt web UI would be downloaded; not needed
+    "-DBUILD_SHARED_LIBS=OFF",  # self-contained binaries: no libllama.so to find at run time
+)
+DONE_MARKER = ".atm-build-done"
+
+
+# ---------------------------------------------------------------------------------------------
+# versions and locations
+
+def python_binding_version() -> str:
+    """The installed llama-cpp-python version (raises MissingDependency when absent)."""
+    try:
+        return metadata.version("llama-cpp-python")
+    except metadata.PackageNotFoundError as exc:
+        raise MissingDependency(
+            "llama-cpp-python is not installed; it decides which llama.cpp ATM uses. "
+            "Install it with: pip install 'atm[export]' -c constraints.txt "
+            "(or point $ATM_LLAMA_CPP_DIR at a llama.cpp checkout)") from exc
+
+
+def version_root(version: str | None = None) -> Path:
+    """``~/.cache/atm/llama.cpp/<llama-cpp-python version>/``."""
+    return cache_dir() / "llama.cpp" / (version or python_binding_version())
+
+
+def build_dir(version: str | None = None) -> Path:
+    """Where the cmake build of the tools lives (binaries in ``bin/``)."""
+    env = os.environ.get("ATM_LLAMA_CPP_DIR")
+    if env and version is None:
+        # A user checkout gets its own build dir in the cache, keyed by its path.
+        import hashlib
+
+        key = hashlib.sha256(str(Path(env).expanduser().resolve()).encode()).hexdigest()[:12]
+        return cache_dir() / "llama.cpp" / f"custom-{key}" / "build"
+    return version_root(version) / "build"
+
+
+def _sdist_vendor_path(version: str) -> Path:
+    return version_root(version) / f"llama_cpp_python-{version}" / "vendor" / "llama.cpp"
+
+
+def _check_source(src: Path, origin: str) -> Path:
+    if not (src / "convert_hf_to_gguf.py").is_file() or not (src / "gguf-py" / "gguf").is_dir():
+        raise AtmError(
+            f"{src} ({origin}) is not a llama.cpp source tree: convert_hf_to_gguf.py or gguf-py/ "
+            "is missing")
+    return src
+
+
+def llamacpp_source(fetch: bool = True) -> Path:
+    """The llama.cpp source tree to use: ``$ATM_LLAMA_CPP_DIR``, else the installed
+    llama-cpp-python's vendored copy (fetched once with pip and cached)."""
+    env = os.environ.get("ATM_LLAMA_CPP_DIR")
+    if env:
+        return _check_source(Path(env).expanduser(), "$ATM_LLAMA_CPP_DIR")
+    version = python_binding_version()
+    src = _sdist_vendor_path(version)
+    if (src / "convert_hf_to_gguf.py").is_file():
+        return _check_source(src, "cached llama-cpp-python sdist")
+    if not fetch:
+        raise AtmError(f"llama.cpp source for llama-cpp-python {version} is not cached at {src}; "
+                       "run `atm doctor --build` to fetch it")
+    fetch_source(version)
+    return _check_source(src, "fetched llama-cpp-python sdist")
+
+
+@contextlib.contextmanager
+def _locked(path: Path, what: str) -> Iterator[None]:
+    """An exclusive file lock so two processes never fetch or build into the same place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"waiting for another process {what} (lock {path}) ...", file=sys.stderr)
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def fetch_source(version: str | None = None) -> Path:
+    """Download llama-cpp-python's sdist with pip and extract it atomically into the cache."""
+    version = version or python_binding_version()
+    root = version_root(version)
+    target = root / f"llama_cpp_python-{version}"
+    with _locked(root / "fetch.lock", "fetching the llama.cpp source"):
+        if (target / "vendor" / "llama.cpp" / "convert_hf_to_gguf.py").is_file():
+            return target
+        print(f"fetching llama-cpp-python {version} source (vendored llama.cpp) with pip ...",
+              file=sys.stderr)
+        with tempfile.TemporaryDirectory(prefix="atm-llamacpp-", dir=root) as tmp:
+            tmpd = Path(tmp)
+            cmd = [sys.executable, "-m", "pip", "download", f"llama-cpp-python=={version}",
+                   "--no-binary", ":all:", "--no-deps", "-d", str(tmpd / "dl")]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            archives = sorted((tmpd / "dl").glob("llama_cpp_python-*.tar.gz")) if proc.returncode == 0 else []
+            if not archives:
+                raise AtmError(
+                    f"could not download llama-cpp-python=={version} source with pip "
+                    f"(exit {proc.returncode}): {proc.stderr.strip()[-800:]}\n"
+                    "Without network, set $ATM_LLAMA_CPP_DIR to a llama.cpp checkout.")
+            extract = tmpd / "x"
+            with tarfile.open(archives[0]) as tar:
+                try:
+                    tar.extractall(extract, filter="data")
+                except TypeError:  # Python < 3.11.4 without extraction filters
+                    tar.extractall(extract)  # noqa: S202 - pip-verified sdist from the index
+            inner = extract / f"llama_cpp_python-{version}"
+            if not (inner / "vendor" / "llama.cpp" / "convert_hf_to_gguf.py").is_file():
+                raise AtmError(f"{archives[0].name} has no vendor/llama.cpp/convert_hf_to_gguf.py")
+            if target.exists():  # a stale partial copy from an older ATM: replace it
+                shutil.rmtree(target)
+            os.replace(inner, target)
+    return target
+
+
+def llamacpp_version(src: Path | None = None) -> str | None:
+    """llama.cpp's own version string (``0.5.0-dev``) read from its CMakeLists.txt."""
+    try:
+        src = src or llamacpp_source(fetch=False)
+        text = (src / "CMakeLists.txt").read_text()
+    except (AtmError, OSError):
+        return None
+    parts = [re.search(rf"set\(LLAMA_VERSION_{k}\s+(\d+)\)", text) for k in ("MAJOR", "MINOR", "PATCH")]
+    if not all(parts):
+        return None
+    base = ".".join(m.group(1) for m in parts)  # type: ignore[union-attr]
+    # Release builds set LLAMA_BUILD_NUMBER; the vendored copy is a dev snapshot.
+    dev = re.search(r'option\(LLAMA_BUILD_IS_DEV\s+"[^"]*"\s+ON\)', text)
+    return f"{base}-dev" if dev else base
+
+
+def ggml_version(src: Path | None = None) -> str | None:
+    try:
+        src = src or llamacpp_source(fetch=False)
+        text = (src / "ggml" / "CMakeLists.txt").read_text()
+    except (AtmError, OSError):
+        return None
+    parts = [re.search(rf"set\(GGML_VERSION_{k}\s+(\d+)\)", text) for k in ("MAJOR", "MINOR", "PATCH")]
+    return ".".join(m.group(1) for m in parts) if all(parts) else None  # type: ignore[union-attr]
+
+
+def version_info() -> dict[str, str | None]:
+    """Versions recorded in every exported artifact."""
+    try:
+        binding = python_binding_version()
+    except MissingDependency:
+        binding = None
+    return {"llama-cpp-python": binding, "llama.cpp": llamacpp_version(), "ggml": ggml_version()}
+
+
+def converter_script() -> Path:
+    return llamacpp_source() / "convert_hf_to_gguf.py"
+
+
+def gguf_py_dir() -> Path:
+    return llamacpp_source() / "gguf-py"
+
+
+def import_gguf():
+    """The vendored ``gguf`` package (GGUFReader etc.), matching the converter's format."""
+    if "gguf" in sys.modules:
+        return sys.modules["gguf"]
+    path = str(gguf_py_dir())
+    if path not in sys.path:
+        sys.path.insert(0, path)
+    import gguf  # noqa: PLC0415
+
+    return gguf
+
+
+# ---------------------------------------------------------------------------------------------
+# native tools
+
+def _env_name(tool: str) -> str:
+    return "ATM_" + tool.upper().replace("-", "_")  # llama-server -> ATM_LLAMA_SERVER
+
+
+def _built(tool: str, bdir: Path | None = None) -> Path | None:
+    bdir = bdir or build_dir()
+    exe = bdir / "bin" / tool
+    marker = bdir / DONE_MARKER
+    if exe.is_file() and os.access(exe, os.X_OK) and marker.is_file() \
+            and tool in marker.read_text().split():
+        return exe
+    return None
+
+
+def find_tool(name: str) -> Path | None:
+    """A llama.cpp binary: ``$ATM_LLAMA_SERVER`` / ``$ATM_LLAMA_QUANTIZE``, then PATH, then the
+    cache build. None when not found (``atm doctor --build`` builds it)."""
+    env = os.environ.get(_env_name(name))
+    if env:
+        p = Path(env).expanduser()
+        if not (p.is_file() and os.access(p, os.X_OK)):
+            raise AtmError(f"${_env_name(name)}={env} is not an executable file")
+        return p
+    on_path = shutil.which(name)
+    if on_path:
+        return Path(on_path)
+    try:
+        return _built(name)
+    except MissingDependency:
+        return None
+
+
+def require_tool(name: str) -> Path:
+    exe = find_tool(name)
+    if exe is None:
+        raise AtmError(f"{name} not found (${_env_name(name)}, PATH, {build_dir() / 'bin'}); "
+                       f"build it with `atm doctor --build` (about 5 minutes on 2 cores)")
+    return exe
+
+
+def build_tools(targets: tuple[str, ...] = TOOLS, jobs: int | None = None, force: bool = False,
+                quiet: bool = False) -> dict[str, str]:
+    """Build ``llama-server`` and ``llama-quantize`` from the matching source (cached; skipped
+    when already built). Returns ``{tool: path}``.
+
+    Atomicity: the build runs in the cache build dir under an exclusive lock and only a
+    successful build writes the done-marker naming its targets; ``find_tool`` ignores binaries
+    without the marker, so an interrupted build is never used and is resumed by the next call.
+    """
+    bdir = build_dir()
+    if not force and all(_built(t, bdir) for t in targets):
+        return {t: str(_built(t, bdir)) for t in targets}
+    src = llamacpp_source()
+    if shutil.which("cmake") is None:
+        raise AtmError("cmake is not installed; install it (apt-get install cmake g++) to build llama-server")
+    jobs = jobs or int(os.environ.get("ATM_BUILD_JOBS", "0")) or min(os.cpu_count() or 2, 8)
+    with _locked(bdir.parent / "build.lock", "building llama.cpp tools"):
+        if not force and all(_built(t, bdir) for t in targets):  # built while we waited
+            return {t: str(_built(t, bdir)) for t in targets}
+        bdir.mkdir(parents=True, exist_ok=True)
+        marker = bdir / DONE_MARKER
+        done_before = set(marker.read_text().split()) if marker.is_file() else set()
+        marker.unlink(missing_ok=True)
+        log_path = bdir / "atm-build.log"
+        t0 = time.time()
+        if not quiet:
+            print(f"building {', '.join(targets)} from {src} (about 5 min on 2 cores; log: {log_path})",
+                  file=sys.stderr)
+        gen = ["-G", "Ninja"] if shutil.which("ninja") and not (bdir / "Makefile").exists() else []
+        with open(log_path, "w") as log:
+            _run_logged(["cmake", "-S", str(src), "-B", str(bdir), *gen, *CMAKE_FLAGS], log, quiet=True)
+            _run_logged(["cmake", "--build", str(bdir), "--config", "Release", "-j", str(jobs),
+                         "--target", *targets], log, quiet=quiet)
+        missing = [t for t in targets if not (bdir / "bin" / t).is_file()]
+        if missing:
+            raise AtmError(f"build finished but {missing} not found in {bdir / 'bin'}; see {log_path}")
+        marker.write_text(" ".join(sorted(done_before | set(targets))) + "\n")
+        if not quiet:
+            print(f"built in {time.time() - t0:.0f} s: {bdir / 'bin'}", file=sys.stderr)
+    return {t: str(bdir / "bin" / t) for t in targets}
+
+
+def _run_logged(cmd: list[str], log, quiet: bool) -> None:
+    """Run a build step, logging everything; show cmake's [ NN%] as a progress bar."""
+    from atm.utils import progress
+
+    log.write("$ " + " ".join(cmd) + "\n")
+    log.flush()
+    bar = None if quiet else progress(total=100, desc="llama.cpp build", unit="%")
+    pct_re = re.compile(r"^\[\s*(\d+)%\]|^\[(\d+)/(\d+)\]")
+    last = 0
+    tail: list[str] = []
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        log.write(line)
+        tail = (tail + [line])[-30:]
+        m = pct_re.match(line)
+        if m and bar is not None:
+            pct = int(m.group(1)) if m.group(1) else int(100 * int(m.group(2)) / max(int(m.group(3)), 1))
+            if pct > last:
+                bar.update(pct - last)
+                last = pct
+    rc = proc.wait()
+    if bar is not None:
+        bar.close()
+    if rc != 0:
+        raise AtmError(f"`{' '.join(cmd[:4])} ...` failed (exit {rc}); last lines:\n{''.join(tail)}"
+                       f"full log: {log.name}")
+
+
+def describe() -> dict[str, object]:
+    """What ``atm doctor`` prints about llama.cpp: versions, paths, found or not."""
+    out: dict[str, object] = dict(version_info())
+    try:
+        src = llamacpp_source(fetch=False)
+        out["source"] = str(src)
+        out["converter"] = str(src / "convert_hf_to_gguf.py")
+    except AtmError as exc:
+        out["source"] = f"not found ({exc})"
+        out["converter"] = None
+    try:
+        out["build_dir"] = str(build_dir())
+    except MissingDependency:
+        out["build_dir"] = None
+    for tool in TOOLS:
+        try:
+            p = find_tool(tool)
+        except AtmError as exc:
+            p = f"error: {exc}"
+        out[tool] = str(p) if p else "not found (atm doctor --build)"
+    out["cmake"] = shutil.which("cmake")
+    return out
