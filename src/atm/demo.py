@@ -1,0 +1,212 @@
+"""``atm demo``: the whole path on the shipped sample, reusing finished stages.
+
+klines (datasets/samples) -> dataset (prompts + pairs) -> tiny base -> SFT warm-up -> merge ->
+ORPO -> merge -> GGUF f16/q8/q4 + Modelfiles (registry atm:*) -> atm-eval (LLM vs baselines vs a
+classic model) -> report.html + verdict.
+
+Each stage writes ``<workdir>/stages/<stage>.json`` with a key made of its config and the keys of the
+stages it reads; a rerun skips a stage whose key and outputs are unchanged (rerun = seconds), and
+``--fresh`` redoes everything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+from pydantic import Field
+
+from atm.config import AtmConfig
+from atm.errors import AtmError
+from atm.utils import repo_root, write_json_atomic
+
+
+class DemoConfig(AtmConfig):
+    raw: str = Field("datasets/samples/binance", description="Binance-layout klines to start from")
+    symbol: str = Field("BTCUSDT", description="symbol to use from the raw data")
+    workdir: str = Field("runs/demo", description="where every stage's output goes")
+    dataset_recipe: str = Field("datasets/recipes/sample-seed.yaml",
+                                description="`atm prompts build` config for the dataset")
+    recipe: str = Field("finetune/tiny-cpu.yaml", description="training recipe for SFT and ORPO")
+    sft_steps: int = Field(150, description="SFT warm-up steps (tiny model, CPU)")
+    orpo_steps: int = Field(60, description="ORPO steps after the warm-up")
+    name: str = Field("atm", description="registry name of the exported model (atm:f16|q8|q4)")
+    quants: list[str] = Field(default_factory=lambda: ["q8_0", "q4_k_m"], description="GGUF quant types")
+    eval_models: list[str] = Field(
+        default_factory=lambda: ["atm:q8", "atm:q4", "baseline:majority", "baseline:momentum", "classic:lgbm"],
+        description="models compared by atm-eval")
+    eval_limit: int | None = Field(600, description="verify items scored per model (None: all)")
+    eval_concurrency: int = Field(2, description="parallel requests for LLM providers")
+
+
+EXAMPLES = """examples:
+  atm demo                      # first run ~15-20 min on 2 cores; reruns reuse finished stages
+  atm demo --fresh              # redo every stage
+  atm demo --set eval_limit=200 --set sft_steps=50"""
+
+
+def register(p: argparse.ArgumentParser) -> None:
+    p.epilog = EXAMPLES
+    p.add_argument("--fresh", action="store_true", help="delete the demo's work dir and redo every stage")
+    p.add_argument("--config", default=None, help="YAML DemoConfig (optional)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one DemoConfig key (repeatable)")
+    p.set_defaults(func=run)
+
+
+def _key(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class Pipeline:
+    def __init__(self, cfg: DemoConfig, root: Path):
+        self.cfg = cfg
+        self.root = root
+        self.work = (root / cfg.workdir).resolve()
+        self.stage_dir = self.work / "stages"
+        self.keys: dict[str, str] = {}
+        self.results: dict[str, dict] = {}
+        self.n = 0
+
+    def stage(self, name: str, total: int, deps: list[str], params: dict,
+              fn: Callable[[], dict]) -> dict:
+        """Run ``fn`` unless a stamp with the same key exists and its outputs are still there."""
+        self.n += 1
+        key = _key(name, params, [self.keys[d] for d in deps])
+        stamp = self.stage_dir / f"{name}.json"
+        label = f"[{self.n}/{total}] {name}"
+        if stamp.exists():
+            rec = json.loads(stamp.read_text())
+            outs = rec.get("result", {}).get("outputs", [])
+            if rec.get("key") == key and all(Path(o).exists() for o in outs):
+                print(f"{label}: done earlier, reused ({stamp.relative_to(self.root)})", flush=True)
+                self.keys[name] = key
+                self.results[name] = rec["result"]
+                return rec["result"]
+        print(f"{label}: running ...", flush=True)
+        t0 = time.time()
+        result = fn()
+        result["seconds"] = round(time.time() - t0, 1)
+        write_json_atomic(stamp, {"key": key, "params": params, "result": result})
+        print(f"{label}: done in {result['seconds']:.0f} s", flush=True)
+        self.keys[name] = key
+        self.results[name] = result
+        return result
+
+
+def run(args: argparse.Namespace) -> int:
+    root = repo_root() or Path.cwd()
+    cfg = DemoConfig.load(args.config, overrides=args.overrides)
+    pipe = Pipeline(cfg, root)
+    if args.fresh and pipe.work.exists():
+        shutil.rmtree(pipe.work)
+    pipe.work.mkdir(parents=True, exist_ok=True)
+    return run_pipeline(pipe)
+
+
+def run_pipeline(pipe: Pipeline) -> int:
+    cfg, root, work = pipe.cfg, pipe.root, pipe.work
+    total = 7
+    raw = (root / cfg.raw).resolve()
+    if not raw.exists():
+        raise AtmError(f"{raw}: sample data not found (run from the repository root)")
+
+    def data() -> dict:
+        from atm.market.klines import build_klines
+
+        out = work / "data" / f"{cfg.symbol.lower()}.parquet"
+        rep = build_klines(raw, cfg.symbol, interval="1m", out=out)
+        return {"outputs": [str(out)], "rows": rep.get("rows")}
+
+    pipe.stage("data", total, [], {"raw": str(raw), "symbol": cfg.symbol}, data)
+    klines = pipe.results["data"]["outputs"][0]
+
+    def dataset() -> dict:
+        from atm.prompting.dataset import BuildConfig, build_dataset
+
+        bc = BuildConfig.load(root / cfg.dataset_recipe, klines=klines, out=str(work / "dataset"))
+        path = build_dataset(bc)
+        return {"outputs": [str(path)]}
+
+    pipe.stage("dataset", total, ["data"], {"recipe": (root / cfg.dataset_recipe).read_text()}, dataset)
+    ds = pipe.results["dataset"]["outputs"][0]
+
+    def base() -> dict:
+        from atm.finetune.base import TinyBaseConfig, build_tiny_base
+
+        out = build_tiny_base(ds, work / "base-tiny", TinyBaseConfig())
+        return {"outputs": [str(out)]}
+
+    pipe.stage("base", total, ["dataset"], {}, base)
+    base_dir = pipe.results["base"]["outputs"][0]
+    recipe = root / cfg.recipe
+
+    def sft() -> dict:
+        from atm.finetune.merge import merge
+        from atm.finetune.train import train
+
+        run_dir = train("sft", recipe, overrides=[f"model={base_dir}", f"data={ds}",
+                                                  f"output_dir={work / 'sft'}", f"max_steps={cfg.sft_steps}"])
+        merged = merge(run_dir, work / "sft-merged")
+        return {"outputs": [str(merged)], "run": str(run_dir)}
+
+    pipe.stage("sft", total, ["base"], {"recipe": recipe.read_text(), "steps": cfg.sft_steps}, sft)
+    sft_merged = pipe.results["sft"]["outputs"][0]
+
+    def orpo() -> dict:
+        from atm.finetune.merge import merge
+        from atm.finetune.train import train
+
+        run_dir = train("orpo", recipe, overrides=[f"model={sft_merged}", f"data={ds}",
+                                                   f"output_dir={work / 'orpo'}", f"max_steps={cfg.orpo_steps}"])
+        merged = merge(run_dir, work / "orpo-merged")
+        return {"outputs": [str(merged)], "run": str(run_dir)}
+
+    pipe.stage("orpo", total, ["sft"], {"recipe": recipe.read_text(), "steps": cfg.orpo_steps}, orpo)
+    merged = pipe.results["orpo"]["outputs"][0]
+
+    def export() -> dict:
+        from atm.export.gguf import export_gguf
+
+        entries = export_gguf(merged, name=cfg.name, quants=tuple(cfg.quants))
+        paths = [str(getattr(e, "path", e)) for e in entries]
+        return {"outputs": paths, "names": [getattr(e, "name", str(e)) for e in entries]}
+
+    pipe.stage("export", total, ["orpo"], {"name": cfg.name, "quants": cfg.quants}, export)
+
+    def evaluate() -> dict:
+        from atm.cli import run as cli_run
+
+        out = work / "eval"
+        argv = ["eval", "run", "--data", ds, "--split", "verify", "--out", str(out),
+                "--concurrency", str(cfg.eval_concurrency)]
+        for m in cfg.eval_models:
+            argv += ["--model", m]
+        if cfg.eval_limit:
+            argv += ["--limit", str(cfg.eval_limit)]
+        rc = cli_run(argv)
+        if rc != 0:
+            raise AtmError(f"atm-eval run exited {rc}")
+        return {"outputs": [str(out / "report.html")]}
+
+    pipe.stage("eval", total, ["export", "dataset"],
+               {"models": cfg.eval_models, "limit": cfg.eval_limit}, evaluate)
+    report = Path(pipe.results["eval"]["outputs"][0])
+    verdict_file = report.parent / "verdict.txt"
+    print()
+    print(f"report: {report}")
+    if verdict_file.exists():
+        print(f"verdict: {verdict_file.read_text().strip()}")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    from atm.cli import run as _run
+
+    sys.exit(_run(["demo", *sys.argv[1:]]))
