@@ -609,3 +609,76 @@ def parquet_info(path: str | Path) -> dict[str, Any]:
         info["input_files"] = len(meta.get("files", []))
         info["built"] = meta.get("provenance", {}).get("created")
     return info
+
+
+# --------------------------------------------------------------------------------------------
+# Synthetic klines in Binance's layout (tests, the bad-input corpus, benchmarks)
+# --------------------------------------------------------------------------------------------
+
+_US_FROM_NS = 1_735_689_600 * 1_000_000_000  # 2025-01-01: Binance spot files use µs from here on
+
+
+def synthetic_rows(start: str, minutes: int, seed: int = 0, price: float = 100.0,
+                   unit: str = "auto") -> list[list[str]]:
+    """Random-walk 1m klines as Binance CSV fields (strings), ``unit`` 'ms' | 'us' | 'auto' (by date).
+
+    The bars are internally consistent (low <= open, close <= high; taker volume <= volume), so a
+    test can break exactly one thing and expect exactly one error.
+    """
+    import pandas as pd
+
+    rng = np.random.default_rng(seed)
+    t0 = pd.Timestamp(start, tz="UTC").value
+    opens_ns = t0 + np.arange(minutes, dtype=np.int64) * 60_000_000_000
+    steps = rng.normal(0, 1e-3, minutes)
+    close = price * np.exp(np.cumsum(steps))
+    open_ = np.concatenate([[price], close[:-1]])
+    wick = np.abs(rng.normal(0, 5e-4, (2, minutes)))
+    high = np.maximum(open_, close) * (1 + wick[0])
+    low = np.minimum(open_, close) * (1 - wick[1])
+    vol = rng.gamma(2.0, 5.0, minutes)
+    count = rng.integers(1, 500, minutes)
+    taker = vol * rng.uniform(0, 1, minutes)
+    rows = []
+    for i in range(minutes):
+        ns = int(opens_ns[i])
+        us = unit == "us" or (unit == "auto" and ns >= _US_FROM_NS)
+        ot = ns // 1000 if us else ns // 1_000_000
+        ct = ot + (59_999_999 if us else 59_999)
+        rows.append([str(ot), f"{open_[i]:.8f}", f"{high[i]:.8f}", f"{low[i]:.8f}", f"{close[i]:.8f}",
+                     f"{vol[i]:.8f}", str(ct), f"{vol[i] * close[i]:.8f}", str(int(count[i])),
+                     f"{taker[i]:.8f}", f"{taker[i] * close[i]:.8f}", "0"])
+    return rows
+
+
+def write_binance_file(folder: str | Path, symbol: str, label: str, rows: list[list[str]] | str | bytes,
+                       interval: str = "1m", header: bool = False, as_zip: bool = True,
+                       checksum: bool = True) -> Path:
+    """Write ``SYMBOL-INTERVAL-LABEL.zip`` (one CSV inside) + ``.CHECKSUM`` the way Binance does."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    if isinstance(rows, (str, bytes)):
+        text = rows.encode() if isinstance(rows, str) else rows
+    else:
+        lines = ([",".join(RAW_COLUMNS)] if header else []) + [",".join(r) for r in rows]
+        text = ("\n".join(lines) + "\n").encode()
+    name = f"{symbol}-{interval}-{label}"
+    if not as_zip:
+        path = folder / f"{name}.csv"
+        path.write_bytes(text)
+        return path
+    path = folder / f"{name}.zip"
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr(f"{name}.csv", text)
+    path.write_bytes(buf.getvalue())
+    if checksum:
+        path.with_name(path.name + ".CHECKSUM").write_text(
+            f"{hashlib.sha256(buf.getvalue()).hexdigest()}  {path.name}\n")
+    return path
+
+
+def layout_dir(root: str | Path, symbol: str, interval: str = "1m", market: str = "spot",
+               granularity: str = "daily") -> Path:
+    """``root/data/{market}/{granularity}/klines/SYMBOL/INTERVAL`` (Binance's layout)."""
+    return Path(root) / "data" / market / granularity / "klines" / symbol / interval
