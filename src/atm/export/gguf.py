@@ -1,0 +1,426 @@
+"""Merged HF model -> GGUF F16 -> Q8_0 / Q4_K_M, registered as ``name:f16|q8|q4``.
+
+Every file is written under a staging directory next to the registry's model dir and moved into
+place only when all requested files were produced and checked, so a failure at any step leaves
+neither a half-written file nor a registry whose tags come from different exports.
+
+Conversion uses llama.cpp's own ``convert_hf_to_gguf.py`` from the source that matches the
+installed llama-cpp-python (``atm.export.llamacpp``), run as a subprocess with this Python (it
+puts its sibling ``gguf-py`` on ``sys.path`` itself). Quantization uses the ``llama-quantize``
+binary when one is found, else ``llama_cpp.llama_model_quantize`` (also in a subprocess: the C
+library logs to the process's stderr and a crash there must not take ATM down).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from atm.errors import AtmError
+from atm.export import llamacpp
+from atm.export.registry import Entry, Registry, check_name, tag_for
+from atm.utils import progress, provenance, sha256_file
+
+
+@dataclass(frozen=True)
+class Quant:
+    name: str  # lower-case CLI name: q8_0
+    gguf_name: str  # llama.cpp's name: Q8_0
+    ftype: int  # LLAMA_FTYPE_MOSTLY_*
+    expected: frozenset[str]  # tensor types a 2-D weight may get without it being a fallback
+
+
+QUANTS: dict[str, Quant] = {
+    "f16": Quant("f16", "F16", 1, frozenset({"F16"})),
+    "q8_0": Quant("q8_0", "Q8_0", 7, frozenset({"Q8_0"})),
+    "q6_k": Quant("q6_k", "Q6_K", 18, frozenset({"Q6_K"})),
+    "q5_k_m": Quant("q5_k_m", "Q5_K_M", 17, frozenset({"Q5_K", "Q6_K"})),
+    "q4_k_m": Quant("q4_k_m", "Q4_K_M", 15, frozenset({"Q4_K", "Q5_K", "Q6_K"})),
+    "q4_0": Quant("q4_0", "Q4_0", 2, frozenset({"Q4_0", "Q6_K"})),
+}
+ALIASES = {"q8": "q8_0", "q4": "q4_k_m", "q5": "q5_k_m", "q6": "q6_k", "fp16": "f16"}
+STRIP_TEMPLATE_TAGS = ("{% generation %}", "{% endgeneration %}", "{%- generation %}",
+                       "{%- endgeneration %}", "{% generation -%}", "{% endgeneration -%}")
+
+
+class QuantFallbackWarning(UserWarning):
+    """Some tensors could not take the requested type (their dimensions) and got another."""
+
+
+def parse_quants(quants: str | Iterable[str]) -> list[Quant]:
+    """``"q8_0,q4_k_m"`` or a list -> Quant objects (aliases q8, q4 accepted; f16 is implicit)."""
+    items = quants.split(",") if isinstance(quants, str) else list(quants)
+    out: list[Quant] = []
+    for raw in items:
+        key = ALIASES.get(raw.strip().lower(), raw.strip().lower())
+        if not key or key == "f16":
+            continue
+        if key not in QUANTS:
+            raise AtmError(f"unknown quantization {raw!r}; choose from "
+                           f"{', '.join(k for k in QUANTS if k != 'f16')} (aliases: q8, q4)")
+        if QUANTS[key] not in out:
+            out.append(QUANTS[key])
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# reading GGUF files
+
+def inspect_gguf(path: str | Path) -> dict[str, Any]:
+    """Header facts of a GGUF file; AtmError naming the file when it is truncated or not a GGUF."""
+    path = Path(path)
+    if not path.is_file():
+        raise AtmError(f"{path}: no such GGUF file")
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        magic = fh.read(4)
+    if magic != b"GGUF":
+        raise AtmError(f"{path}: not a GGUF file (starts with {magic!r}, expected b'GGUF')")
+    gguf = llamacpp.import_gguf()
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except Exception as exc:  # noqa: BLE001 - any parse failure of a damaged header
+        raise AtmError(f"{path}: damaged or truncated GGUF file ({type(exc).__name__}: {exc}); "
+                       "re-export it") from None
+    end = max((t.data_offset + int(t.n_bytes) for t in reader.tensors), default=0)
+    if end > size:
+        raise AtmError(f"{path}: truncated GGUF file: tensor data needs {end} bytes, the file has "
+                       f"{size}; re-export it")
+
+    def field(key: str) -> Any:
+        f = reader.fields.get(key)
+        if f is None:
+            return None
+        try:
+            return f.contents()
+        except Exception:  # noqa: BLE001
+            return None
+
+    arch = field("general.architecture")
+    types: dict[str, int] = {}
+    tensors = []
+    for t in reader.tensors:
+        tname = t.tensor_type.name
+        types[tname] = types.get(tname, 0) + 1
+        tensors.append({"name": t.name, "type": tname, "shape": [int(x) for x in t.shape]})
+    ftype = field("general.file_type")
+    return {
+        "path": str(path), "size": size, "architecture": arch,
+        "file_type": gguf.LlamaFileType(ftype).name.replace("MOSTLY_", "") if ftype is not None else None,
+        "context_length": field(f"{arch}.context_length") if arch else None,
+        "chat_template": field("tokenizer.chat_template"),
+        "n_tensors": len(reader.tensors), "tensor_types": types, "tensors": tensors,
+        "bos_token_id": field("tokenizer.ggml.bos_token_id"),
+        "eos_token_id": field("tokenizer.ggml.eos_token_id"),
+    }
+
+
+def find_fallbacks(info: dict[str, Any], quant: Quant) -> list[dict[str, Any]]:
+    """Matrices whose type is outside what ``quant`` gives (llama.cpp fell back for their shape)."""
+    out = []
+    for t in info["tensors"]:
+        if len(t["shape"]) < 2 or t["type"] in quant.expected:
+            continue
+        out.append({"tensor": t["name"], "shape": t["shape"], "type": t["type"],
+                    "requested": quant.gguf_name})
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# conversion
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise AtmError(f"{path}: not valid JSON ({exc})") from None
+
+
+def check_model_dir(model_dir: Path) -> None:
+    if not model_dir.is_dir():
+        raise AtmError(f"{model_dir}: model directory not found (expected a merged HF model, e.g. "
+                       "runs/X-merged from `atm finetune merge`)")
+    if not (model_dir / "config.json").is_file():
+        raise AtmError(f"{model_dir}: no config.json; not a Hugging Face model directory")
+    if not any(model_dir.glob("*.safetensors")):
+        hint = " (a LoRA adapter? merge it first: `atm finetune merge`)" \
+            if (model_dir / "adapter_config.json").exists() else ""
+        raise AtmError(f"{model_dir}: no *.safetensors weights{hint}")
+
+
+def _stage_model_dir(model_dir: Path, stage: Path) -> None:
+    """Symlink the model's files into ``stage`` with the chat template cleaned for GGUF readers.
+
+    transformers' ``{% generation %}`` markers (for assistant-only loss) are not Jinja: llama.cpp's
+    own template engine skips them but llama-cpp-python's jinja2 and other readers of the GGUF
+    template fail on them. They do not change the rendered text, so they are removed here.
+    """
+    for p in model_dir.iterdir():
+        if p.name in ("tokenizer_config.json", "chat_template.jinja", "chat_template.json"):
+            continue
+        (stage / p.name).symlink_to(p.resolve())
+    tc = model_dir / "tokenizer_config.json"
+    if tc.is_file():
+        conf = _read_json(tc)
+        if isinstance(conf.get("chat_template"), str):
+            conf["chat_template"] = clean_chat_template(conf["chat_template"])
+        (stage / tc.name).write_text(json.dumps(conf, indent=2))
+    cj = model_dir / "chat_template.jinja"
+    if cj.is_file():
+        (stage / cj.name).write_text(clean_chat_template(cj.read_text()))
+    cjs = model_dir / "chat_template.json"
+    if cjs.is_file():
+        data = _read_json(cjs)
+        if isinstance(data.get("chat_template"), str):
+            data["chat_template"] = clean_chat_template(data["chat_template"])
+        (stage / cjs.name).write_text(json.dumps(data))
+
+
+def clean_chat_template(text: str) -> str:
+    for tag in STRIP_TEMPLATE_TAGS:
+        text = text.replace(tag, "")
+    return text
+
+
+def hf_chat_template(model_dir: Path) -> str | None:
+    """The chat template the HF tokenizer uses (chat_template.jinja wins, as in transformers 5)."""
+    cj = model_dir / "chat_template.jinja"
+    if cj.is_file():
+        return cj.read_text()
+    tc = model_dir / "tokenizer_config.json"
+    if tc.is_file():
+        t = _read_json(tc).get("chat_template")
+        if isinstance(t, str):
+            return t
+    return None
+
+
+def _tail(text: str, n: int = 15) -> str:
+    lines = [ln for ln in text.strip().splitlines() if ln.strip() and "Writing:" not in ln]
+    return "\n".join(lines[-n:])
+
+
+def convert_hf_to_gguf(model_dir: str | Path, out: str | Path, outtype: str = "f16") -> Path:
+    """Run llama.cpp's converter on ``model_dir``; ``out`` appears only if it succeeds."""
+    model_dir, out = Path(model_dir).resolve(), Path(out)
+    check_model_dir(model_dir)
+    script = llamacpp.converter_script()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".atm-convert-", dir=out.parent) as tmpd:
+        stage = Path(tmpd) / "model"
+        stage.mkdir()
+        _stage_model_dir(model_dir, stage)
+        tmp_out = Path(tmpd) / "out.gguf"
+        env = {**os.environ, "PYTHONIOENCODING": "utf-8"}
+        env.setdefault("OMP_NUM_THREADS", "1")
+        cmd = [sys.executable, str(script), str(stage), "--outfile", str(tmp_out), "--outtype", outtype]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        if proc.returncode != 0 or not tmp_out.is_file():
+            raise AtmError(f"converting {model_dir} to GGUF failed (llama.cpp convert_hf_to_gguf.py, "
+                           f"exit {proc.returncode}); no file was written. Its last lines:\n"
+                           f"{_tail(proc.stderr + proc.stdout)}")
+        inspect_gguf(tmp_out)
+        os.replace(tmp_out, out)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# quantization
+
+_PY_QUANTIZE = """
+import ctypes, sys
+import llama_cpp
+src, dst, ftype, nthread = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+p = llama_cpp.llama_model_quantize_default_params()
+p.ftype = ftype
+p.nthread = nthread
+rc = llama_cpp.llama_model_quantize(src.encode(), dst.encode(), ctypes.byref(p))
+sys.exit(0 if rc == 0 else 3)
+"""
+
+
+def quantize(src: str | Path, dst: str | Path, quant: Quant | str, threads: int | None = None,
+             tool: str | None = "auto") -> dict[str, Any]:
+    """Quantize GGUF ``src`` to ``dst`` (written atomically). Returns {"engine", "seconds", "log"}."""
+    q = quant if isinstance(quant, Quant) else parse_quants([quant])[0]
+    src, dst = Path(src), Path(dst)
+    threads = threads or os.cpu_count() or 1
+    binary = llamacpp.find_tool("llama-quantize") if tool == "auto" else (Path(tool) if tool else None)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    t0 = time.time()
+    try:
+        if binary is not None:
+            engine = str(binary)
+            cmd = [str(binary), str(src), str(tmp), q.gguf_name, str(threads)]
+        else:
+            from atm.errors import require
+
+            require("llama_cpp", "export", "llama-cpp-python")
+            engine = "llama_cpp.llama_model_quantize"
+            cmd = [sys.executable, "-c", _PY_QUANTIZE, str(src), str(tmp), str(q.ftype), str(threads)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        log = proc.stdout + proc.stderr
+        if proc.returncode != 0 or tmp.stat().st_size == 0:
+            raise AtmError(f"quantizing {src.name} to {q.gguf_name} failed ({engine}, exit "
+                           f"{proc.returncode}); no file was written. Last lines:\n{_tail(log)}")
+        inspect_gguf(tmp)
+        os.replace(tmp, dst)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return {"engine": engine, "seconds": round(time.time() - t0, 3), "log": log}
+
+
+# ---------------------------------------------------------------------------------------------
+# the whole export
+
+def read_atm_model(model_dir: Path) -> dict[str, Any]:
+    """``atm_model.json`` written by ``atm finetune merge`` (template, schema, encoder, configs)."""
+    p = model_dir / "atm_model.json"
+    if not p.is_file():
+        warnings.warn(f"{model_dir} has no atm_model.json (not made by `atm finetune merge`): the "
+                      "registry entry will carry no prompt template; the advice schema defaults to "
+                      "prompts/advice.schema.json", stacklevel=3)
+        return {}
+    return _read_json(p)
+
+
+def _schema_of(meta: dict[str, Any]) -> dict[str, Any] | None:
+    schema = meta.get("schema")
+    if isinstance(schema, dict):
+        return schema
+    try:
+        from atm.prompting.advice import load_schema
+
+        return load_schema()
+    except (AtmError, ImportError):
+        return None
+
+
+def export_gguf(model_dir: str | Path, name: str = "atm", quants: Sequence[str] | str = ("q8_0", "q4_k_m"),
+                home: str | Path | None = None, threads: int | None = None,
+                quantize_tool: str | None = "auto") -> list[Entry]:
+    """Convert ``model_dir`` to F16 GGUF, quantize, and register ``name:f16`` + one tag per quant.
+
+    Returns the entries (f16 first). Tensors that llama.cpp had to give a fallback type (their
+    dimensions do not fit the block size) are named in a ``QuantFallbackWarning`` and recorded in
+    the manifest (``fallbacks``).
+    """
+    model_dir = Path(model_dir).expanduser().resolve()
+    check_name(name)
+    check_model_dir(model_dir)
+    qlist = parse_quants(quants)
+    reg = Registry(home)
+    meta = read_atm_model(model_dir)
+    config = _read_json(model_dir / "config.json")
+    tok_conf = _read_json(model_dir / "tokenizer_config.json") \
+        if (model_dir / "tokenizer_config.json").is_file() else {}
+    hf_template = hf_chat_template(model_dir)
+    versions = llamacpp.version_info()
+    mdir = reg.model_dir(name)
+    mdir.parent.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+    steps = 1 + len(qlist)
+    with tempfile.TemporaryDirectory(prefix=f".export-{name}-", dir=mdir.parent) as stage_dir:
+        stage = Path(stage_dir)
+        bar = progress(total=steps, desc=f"export {name}", unit="file")
+        try:
+            t0 = time.time()
+            bar.set_postfix_str("convert F16")
+            f16 = convert_hf_to_gguf(model_dir, stage / "f16.gguf", "f16")
+            timings["convert_f16_s"] = round(time.time() - t0, 3)
+            bar.update(1)
+            files: list[tuple[Quant, Path, dict[str, Any]]] = [(QUANTS["f16"], f16, {"engine": "convert_hf_to_gguf.py"})]
+            for q in qlist:
+                bar.set_postfix_str(f"quantize {q.gguf_name}")
+                dst = stage / f"{tag_for(q.name)}.gguf"
+                info = quantize(f16, dst, q, threads=threads, tool=quantize_tool)
+                timings[f"quantize_{q.name}_s"] = info["seconds"]
+                files.append((q, dst, info))
+                bar.update(1)
+        finally:
+            bar.close()
+
+        infos = {q.name: inspect_gguf(p) for q, p, _ in files}
+        gguf_template = infos["f16"]["chat_template"]
+        if hf_template and not gguf_template:
+            raise AtmError(f"{model_dir}: the chat template did not travel into the GGUF "
+                           "(tokenizer.chat_template missing); nothing was registered")
+        created = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        source = {"model_dir": str(model_dir), "config": config,
+                  "atm_model": {k: v for k, v in meta.items() if k not in ("template", "schema")}}
+        entries: list[Entry] = []
+        for q, p, qinfo in files:
+            info = infos[q.name]
+            fallbacks = find_fallbacks(info, q)
+            if fallbacks:
+                names = ", ".join(f"{f['tensor']} {tuple(f['shape'])} -> {f['type']}" for f in fallbacks[:12])
+                more = f" and {len(fallbacks) - 12} more" if len(fallbacks) > 12 else ""
+                warnings.warn(f"{name}:{tag_for(q.name)}: {len(fallbacks)} tensor(s) could not be "
+                              f"quantized to {q.gguf_name} (dimensions not divisible by the block "
+                              f"size) and used a fallback type: {names}{more}",
+                              QuantFallbackWarning, stacklevel=2)
+            tag = tag_for(q.name)
+            final = reg.gguf_path(name, tag)
+            entries.append(Entry(
+                name=name, tag=tag, path=str(final), sha256=sha256_file(p), size=p.stat().st_size,
+                quant=q.gguf_name, template=meta.get("template"), schema=_schema_of(meta),
+                chat_template=gguf_template, context_length=info.get("context_length")
+                or config.get("max_position_embeddings"),
+                eos_token=_token_text(tok_conf.get("eos_token")),
+                bos_token=_token_text(tok_conf.get("bos_token")),
+                source=source, llamacpp=versions, tensor_types=info["tensor_types"],
+                fallbacks=fallbacks, created=created,
+                provenance=provenance({"model_dir": str(model_dir), "name": name,
+                                       "quants": [x.name for x in qlist]},
+                                      engine=qinfo.get("engine"), timings=timings)))
+        # Everything is produced and checked: move the files in, then write the manifests.
+        mdir.mkdir(parents=True, exist_ok=True)
+        for (q, p, _), e in zip(files, entries):
+            os.replace(p, e.path)
+            reg.add(e)
+    return entries
+
+
+def _token_text(tok: Any) -> str | None:
+    if isinstance(tok, str):
+        return tok
+    if isinstance(tok, dict):
+        return tok.get("content")
+    return None
+
+
+def copy_into_registry(gguf_path: str | Path, name: str, tag: str, home: str | Path | None = None,
+                       **fields: Any) -> Entry:
+    """Register an existing GGUF file (copied into the registry) under ``name:tag``."""
+    src = Path(gguf_path)
+    info = inspect_gguf(src)
+    reg = Registry(home)
+    dst = reg.gguf_path(name, tag)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
+    os.close(fd)
+    try:
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    entry = Entry(name=name, tag=tag, path=str(dst), sha256=sha256_file(dst), size=dst.stat().st_size,
+                  quant=info["file_type"] or "unknown", chat_template=info["chat_template"],
+                  context_length=info["context_length"], llamacpp=llamacpp.version_info(),
+                  tensor_types=info["tensor_types"],
+                  created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                  provenance=provenance({"source_gguf": str(src)}), **fields)
+    return reg.add(entry)
