@@ -122,6 +122,7 @@ def inspect_gguf(path: str | Path) -> dict[str, Any]:
         "n_tensors": len(reader.tensors), "tensor_types": types, "tensors": tensors,
         "bos_token_id": field("tokenizer.ggml.bos_token_id"),
         "eos_token_id": field("tokenizer.ggml.eos_token_id"),
+        "add_bos_token": field("tokenizer.ggml.add_bos_token"),
     }
 
 
@@ -381,6 +382,7 @@ def export_gguf(model_dir: str | Path, name: str = "atm", quants: Sequence[str] 
                 or config.get("max_position_embeddings"),
                 eos_token=_token_text(tok_conf.get("eos_token")),
                 bos_token=_token_text(tok_conf.get("bos_token")),
+                add_bos_token=info.get("add_bos_token"),
                 source=source, llamacpp=versions, tensor_types=info["tensor_types"],
                 fallbacks=fallbacks, created=created,
                 provenance=provenance({"model_dir": str(model_dir), "name": name,

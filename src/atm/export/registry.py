@@ -59,6 +59,7 @@ class Entry:
     context_length: int | None = None  # the model's trained context (max_position_embeddings)
     eos_token: str | None = None
     bos_token: str | None = None
+    add_bos_token: bool | None = None  # whether llama.cpp prepends bos when tokenizing (GGUF flag)
     source: dict[str, Any] = field(default_factory=dict)  # model_dir, config.json, atm_model.json extras
     llamacpp: dict[str, Any] = field(default_factory=dict)  # llama-cpp-python / llama.cpp / ggml versions
     tensor_types: dict[str, int] = field(default_factory=dict)  # GGML type -> number of tensors
