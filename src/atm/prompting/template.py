@@ -140,7 +140,7 @@ class Template:
 
     def to_yaml(self) -> str:
         """The template as YAML text (with its examples): what travels in dataset.json / atm_model.json."""
-        return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True, width=10**6)
+        return yaml.dump(self.to_dict(), Dumper=_BlockDumper, sort_keys=False, allow_unicode=True, width=10**6)
 
     @property
     def sha256(self) -> str:
@@ -201,6 +201,19 @@ class Template:
         """The per-minute user message text for many contexts (the fast path for the builder)."""
         h, t = self._user_head, self._user_tail
         return [h + c + t for c in contexts]
+
+
+class _BlockDumper(yaml.SafeDumper):
+    """Safe YAML with multi-line strings as ``|`` blocks (readable in dataset.json / cards)."""
+
+
+def _str_representer(dumper: yaml.SafeDumper, data: str):
+    if "\n" in data and not any(ch in data for ch in "\r\t") and data == data.rstrip(" "):
+        return dumper.represent_scalar("tag:yaml.org,2002:str", data, style="|")
+    return dumper.represent_scalar("tag:yaml.org,2002:str", data)
+
+
+_BlockDumper.add_representer(str, _str_representer)
 
 
 def format_change(value: float) -> str:

@@ -1,0 +1,593 @@
+"""Build a prompt dataset: klines -> labelled minutes -> prompts -> preference / SFT / RL / items.
+
+``build_dataset(BuildConfig(...))`` writes ``datasets/build/NAME/`` (docs/architecture.md)::
+
+    preference/data/{train,verify}-00000-of-00001.parquet   prompt, chosen, rejected, margin, id
+    sft/data/...                                            messages, id
+    rl/data/...                                             prompt, ret_BUY, ret_NOOP, ret_SELL, id
+    items/data/...                                          one row per minute (eval harness)
+    klines.parquet  dataset.json  README.md
+
+so ``datasets.load_dataset("parquet", data_dir=NAME / "preference")`` gives splits ``train`` and
+``verify`` in TRL's conversational preference format, which TRL's trainers read unchanged.
+
+Pairs:
+
+* ``random`` (the original experiment's rule): chosen = the label's answer, rejected = one of the
+  two other advices drawn at random (seeded).
+* ``reward``: every advice is scored with the realized return of acting on it, net of fees, in
+  the same clipped basis points as ``atm.prompting.advice.score_advice`` (the DAPO reward and the
+  eval score); chosen = best, rejected = worst (or every worse one with ``all_worse``). The score
+  difference is stored as ``margin``; pairs whose margin is 0 or below ``min_margin`` are dropped
+  and counted in ``dataset.json``.
+
+Speed and memory: labels, returns and splits are computed once with numpy; the text (the bulk)
+is built and written chunk by chunk (``chunk_rows`` minutes at a time) through pyarrow
+``ParquetWriter``s, so memory stays bounded whatever the number of minutes. The whole build
+happens in a temporary folder next to ``out`` that is renamed into place only when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import Field, field_validator
+
+from atm.config import AtmConfig
+from atm.errors import AtmError, ConfigError, DataError
+
+ADVICES = ("BUY", "NOOP", "SELL")
+VIEWS = ("preference", "sft", "rl", "items")
+
+
+class BuildConfig(AtmConfig):
+    """``atm prompts build``: which klines, encoder, template, label and pairs make a dataset."""
+
+    klines: str = Field(description="klines parquet built by `atm data build`")
+    out: str = Field(description="output folder, e.g. datasets/build/NAME")
+    name: str | None = Field(default=None, description="dataset name (default: the out folder's name)")
+    symbol: str | None = Field(default=None, description="symbol recorded in items (default: from the parquet's metadata)")
+    encoder: str = Field(default="seed-json", description="context encoder: seed-json, seed-json-compat, natural, digits")
+    encoder_config: dict[str, Any] = Field(default_factory=dict, description="encoder settings (window, columns, precision, ...)")
+    template: str = Field(default="prompts/seed.yaml", description="prompt template YAML (path, or a name in prompts/)")
+    fewshot_k: int | None = Field(default=None, ge=0, le=12, description="override the template's fewshot.k")
+    fewshot_seed: int | None = Field(default=None, description="override the template's fewshot.seed")
+    label: Literal["seed", "entry", "fee-aware"] = Field(default="seed", description="label rule (atm.market.labels)")
+    horizon: int = Field(default=10, ge=1, description="label horizon / seed lookback, and the realized-return horizon (minutes)")
+    threshold: float = Field(default=0.002, ge=0, description="label threshold (seed: 0.002 = the original's 0.2%)")
+    fee: float = Field(default=0.001, ge=0, description="fee per side (fraction) for realized returns and fee-aware labels")
+    slippage_bps: float = Field(default=0.0, ge=0, description="slippage per side in basis points for realized returns")
+    pairs: Literal["random", "reward"] = Field(default="random", description="random: chosen = label, rejected = random other; "
+                                               "reward: chosen = best realized advice, rejected = worst")
+    all_worse: bool = Field(default=False, description="reward pairs: one pair per strictly worse advice, not just the worst")
+    min_margin: float = Field(default=0.0, ge=0, description="reward pairs: drop pairs whose margin (bps) is below this")
+    split: dict[str, Any] = Field(default_factory=dict, description="atm.market.splits.SplitConfig settings "
+                                  "(default: last 20% = verify, embargo 180 minutes)")
+    seed: int = Field(default=0, description="random seed (rejected advices of random pairs)")
+    chunk_rows: int = Field(default=50_000, ge=100, description="minutes encoded and written per chunk (bounds memory)")
+    tokenizer: str | None = Field(default=None, description="HF tokenizer dir for token-length stats (default: chars/4 estimate)")
+    overwrite: bool = Field(default=False, description="replace an existing output folder")
+
+    @field_validator("encoder")
+    @classmethod
+    def _enc(cls, v: str) -> str:
+        from atm.prompting.encoders import ENCODERS
+
+        if v not in ENCODERS:
+            raise ValueError(f"unknown encoder {v!r}; available: {', '.join(sorted(ENCODERS))}")
+        return v
+
+
+# ----------------------------------------------------------------------------------- arrow
+def _msg_type():
+    import pyarrow as pa
+
+    return pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
+
+
+def messages_array(prefix: list[dict[str, str]], per_row: list[list[str]], roles_after: list[str]):
+    """A ``list<struct<role, content>>`` array: ``prefix`` + one message per ``per_row`` column.
+
+    Built column-wise (no per-row dicts): ``per_row[j][i]`` is the content of row i's j-th
+    message after the shared prefix, with role ``roles_after[j]``.
+    """
+    import pyarrow as pa
+
+    n = len(per_row[0]) if per_row else 0
+    width = len(prefix) + len(per_row)
+    contents = np.empty((n, width), dtype=object)
+    for j, m in enumerate(prefix):
+        contents[:, j] = m["content"]
+    for j, col in enumerate(per_row):
+        contents[:, len(prefix) + j] = col
+    roles = [m["role"] for m in prefix] + list(roles_after)
+    role_arr = pa.DictionaryArray.from_arrays(
+        pa.array(np.tile(np.arange(width, dtype=np.int32), n)), pa.array(roles)).cast(pa.string())
+    struct = pa.StructArray.from_arrays(
+        [role_arr, pa.array(contents.reshape(-1), type=pa.string())], names=["role", "content"])
+    offsets = pa.array(np.arange(0, n * width + 1, width, dtype=np.int32))
+    return pa.ListArray.from_arrays(offsets, struct)
+
+
+def _schemas():
+    import pyarrow as pa
+
+    m = _msg_type()
+    ts = pa.timestamp("ns", tz="UTC")
+    return {
+        "preference": pa.schema([("id", pa.string()), ("prompt", m), ("chosen", m), ("rejected", m),
+                                 ("margin", pa.float64()), ("chosen_advice", pa.string()),
+                                 ("rejected_advice", pa.string())]),
+        "sft": pa.schema([("id", pa.string()), ("messages", m)]),
+        "rl": pa.schema([("id", pa.string()), ("prompt", m), ("ret_BUY", pa.float64()),
+                         ("ret_NOOP", pa.float64()), ("ret_SELL", pa.float64())]),
+        "items": pa.schema([("id", pa.string()), ("row", pa.int64()), ("open_time", ts),
+                            ("symbol", pa.string()), ("label", pa.string()), ("answer", pa.string()),
+                            ("change", pa.string()), ("ret_BUY", pa.float64()),
+                            ("ret_NOOP", pa.float64()), ("ret_SELL", pa.float64()),
+                            ("prompt", m), ("context", pa.string())]),
+    }
+
+
+def view_file(root: Path, view: str, split: str) -> Path:
+    return Path(root) / view / "data" / f"{split}-00000-of-00001.parquet"
+
+
+# ----------------------------------------------------------------------------------- pieces
+def score_matrix(ret: np.ndarray) -> np.ndarray:
+    """Scores (n, 3) of BUY/NOOP/SELL: ``score_advice``'s rule for a valid answer, vectorized."""
+    from atm.prompting.advice import CLIP_BPS
+
+    return np.clip(ret * 1e4, -CLIP_BPS, CLIP_BPS)
+
+
+def choose_pairs(cfg: BuildConfig, label_idx: np.ndarray, ret: np.ndarray
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict[str, int]]:
+    """(minute index, chosen idx, rejected idx, margin) of every pair, plus drop counts."""
+    n = len(label_idx)
+    scores = score_matrix(ret)
+    counts: dict[str, int] = {}
+    if cfg.pairs == "random":
+        rng = np.random.default_rng(cfg.seed)
+        chosen = label_idx.astype(np.int64)
+        rejected = (chosen + 1 + rng.integers(0, 2, n)) % 3
+        minute = np.arange(n, dtype=np.int64)
+    else:
+        # best: NOOP wins ties (as the fee-aware label), then BUY, then SELL
+        pref = np.array([1, 0, 2])
+        best = pref[np.argmax(scores[:, pref], axis=1)]
+        if cfg.all_worse:
+            mins, rej = [], []
+            for k in range(3):
+                mins.append(np.arange(n, dtype=np.int64))
+                rej.append(np.full(n, k, dtype=np.int64))
+            minute = np.concatenate(mins)
+            rejected = np.concatenate(rej)
+            chosen = best[minute]
+            keep = scores[minute, rejected] < scores[minute, chosen]
+            minute, chosen, rejected = minute[keep], chosen[keep], rejected[keep]
+            order = np.lexsort((rejected, minute))
+            minute, chosen, rejected = minute[order], chosen[order], rejected[order]
+        else:
+            worst = np.argmin(scores, axis=1)
+            minute = np.arange(n, dtype=np.int64)
+            chosen, rejected = best, worst
+            tie = scores[minute, chosen] <= scores[minute, rejected]
+            counts["pairs_dropped_no_margin"] = int(tie.sum())
+            minute, chosen, rejected = minute[~tie], chosen[~tie], rejected[~tie]
+    margin = scores[minute, chosen] - scores[minute, rejected]
+    if cfg.pairs == "reward" and cfg.min_margin > 0:
+        low = margin < cfg.min_margin
+        counts["pairs_dropped_below_min_margin"] = int(low.sum())
+        minute, chosen, rejected, margin = minute[~low], chosen[~low], rejected[~low], margin[~low]
+    return minute, chosen, rejected, margin, counts
+
+
+def _symbol(cfg: BuildConfig, path: Path) -> tuple[str, dict[str, Any]]:
+    import pyarrow.parquet as pq
+
+    meta: dict[str, Any] = {}
+    try:
+        md = pq.read_schema(path).metadata or {}
+        if b"atm.klines" in md:
+            meta = json.loads(md[b"atm.klines"])
+    except Exception:  # noqa: BLE001 - metadata is optional; the read below reports real errors
+        meta = {}
+    sidecar = path.with_name(path.name + ".meta.json")
+    if sidecar.exists():
+        try:
+            meta = {**meta, **json.loads(sidecar.read_text())}
+        except json.JSONDecodeError as exc:
+            raise DataError(f"sidecar is not valid JSON: {exc}", str(sidecar)) from None
+    symbol = cfg.symbol or meta.get("symbol") or path.stem.split("-")[0].split(".")[0].upper()
+    return str(symbol), meta
+
+
+def _stats(x: np.ndarray) -> dict[str, float]:
+    if len(x) == 0:
+        return {}
+    q = np.percentile(x, [50, 95])
+    return {"min": int(x.min()), "mean": round(float(x.mean()), 1), "p50": float(q[0]),
+            "p95": float(q[1]), "max": int(x.max())}
+
+
+def _iso(t) -> str | None:
+    import pandas as pd
+
+    return None if t is None else pd.Timestamp(t).isoformat()
+
+
+# ----------------------------------------------------------------------------------- build
+def build_dataset(cfg: BuildConfig) -> Path:
+    """Build the dataset described by ``cfg``; returns the output folder (written atomically)."""
+    import pandas as pd
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from atm.market.klines import read_klines_parquet
+    from atm.market.labels import LabelConfig, compute_labels, label_horizon, realized_returns
+    from atm.market.splits import SplitConfig, chronological_split
+    from atm.prompting.encoders import get_encoder
+    from atm.prompting.template import Example, Template, choose_examples
+    from atm.utils import progress, provenance, sha256_file, write_json_atomic, write_text_atomic
+
+    out = Path(cfg.out)
+    name = cfg.name or out.name
+    if out.exists() and not cfg.overwrite:
+        raise AtmError(f"{out}: already exists (pass --overwrite / overwrite=true to replace it)")
+    src = Path(cfg.klines)
+    df = read_klines_parquet(src)
+    n_all = len(df)
+    symbol, src_meta = _symbol(cfg, src)
+
+    template = Template.load(cfg.template)
+    fs = template.spec.fewshot
+    k = fs.k if cfg.fewshot_k is None else cfg.fewshot_k
+    fs_seed = fs.seed if cfg.fewshot_seed is None else cfg.fewshot_seed
+    enc_cfg = {**template.spec.encoder_config, **cfg.encoder_config} if template.spec.encoder in (None, cfg.encoder) \
+        else dict(cfg.encoder_config)
+    encoder = get_encoder(cfg.encoder, **enc_cfg)
+    label_cfg = LabelConfig(rule=cfg.label, horizon=cfg.horizon, threshold=cfg.threshold, fee=cfg.fee)
+    split_cfg = SplitConfig(**cfg.split)
+    need = max(label_horizon(label_cfg), cfg.horizon) + encoder.lookback
+    if split_cfg.embargo < need:
+        raise ConfigError(f"split.embargo={split_cfg.embargo} minutes is shorter than the label/return horizon "
+                          f"({max(label_horizon(label_cfg), cfg.horizon)}) plus the {cfg.encoder} lookback "
+                          f"({encoder.lookback}) = {need}: train answers would overlap verify contexts")
+
+    # --- per-minute arrays (cheap, whole frame)
+    labels = compute_labels(df, label_cfg).to_numpy(dtype=object)
+    ret_df = realized_returns(df, cfg.horizon, fee=cfg.fee, slippage_bps=cfg.slippage_bps)
+    ret_all = ret_df[list(ADVICES)].to_numpy(dtype=np.float64)
+    features = encoder.compute_features(df) if encoder.needs_features else None
+    change_all = encoder.target_changes(df, np.arange(n_all))
+
+    drops: dict[str, int] = {}
+    valid = np.ones(n_all, dtype=bool)
+
+    def drop(mask: np.ndarray, reason: str) -> None:
+        nonlocal valid
+        newly = valid & mask
+        if newly.any():
+            drops[reason] = int(newly.sum())
+        valid &= ~mask
+
+    drop(np.arange(n_all) < encoder.lookback, f"no full {encoder.lookback}-minute lookback")
+    drop(pd.isna(labels), "no label (lookback/horizon past the data or a gap)")
+    drop(np.isnan(ret_all).any(axis=1), "no realized return (horizon past the data or a gap)")
+    drop(np.isnan(change_all), "no answer change (past the data)")
+    if features is not None:
+        cols = encoder.columns(features)
+        drop(features[cols].isna().to_numpy().any(axis=1), "features not available (warm-up or zero division)")
+    if "filled" in df.columns:
+        lb = encoder.lookback
+        filled = df["filled"].to_numpy(dtype=bool)
+        near = np.convolve(filled.astype(np.int64), np.ones(lb + max(cfg.horizon, 1) + 1, dtype=np.int64),
+                           mode="full")[lb:lb + n_all] > 0
+        drop(near, "filled (synthetic) bars in the window or horizon")
+
+    parts = chronological_split(df["open_time"], split_cfg)
+    split_names = list(parts)
+    split_of = np.full(n_all, -1, dtype=np.int8)
+    for i, s in enumerate(split_names):
+        split_of[parts[s]] = i
+    in_embargo = valid & (split_of < 0)
+    if in_embargo.any():
+        drops["in the embargo between splits"] = int(in_embargo.sum())
+    valid &= split_of >= 0
+
+    # --- few-shot examples (train split only), then excluded from the training rows
+    label_idx_all = np.full(n_all, -1, dtype=np.int64)
+    for j, a in enumerate(ADVICES):
+        label_idx_all[labels == a] = j
+    scores_all = score_matrix(np.nan_to_num(ret_all))
+    if cfg.pairs == "reward":  # the advice the model is taught: best realized (NOOP on ties)
+        pref = np.array([1, 0, 2])
+        teach_idx = pref[np.argmax(scores_all[:, pref], axis=1)]
+    else:
+        teach_idx = label_idx_all
+    examples_rows = np.empty(0, dtype=np.int64)
+    if k > 0 and not template.spec.examples:
+        train_valid = np.flatnonzero(valid & (split_of == split_names.index("train")))
+        teach_labels = np.array([ADVICES[i] if i >= 0 else None for i in teach_idx], dtype=object)
+        examples_rows = choose_examples(teach_labels, train_valid, k, fs_seed, fs.balanced)
+        ctx = encoder.encode(df, examples_rows, features)
+        chg = encoder.answer_changes(df, examples_rows)
+        ot = df["open_time"].to_numpy()
+        template = template.with_examples([
+            Example(context=c, advice=ADVICES[teach_idx[r]], change=ch, row=int(r),
+                    open_time=_iso(ot[r]), split="train")
+            for r, c, ch in zip(examples_rows.tolist(), ctx, chg)])
+        if len(examples_rows):
+            drops["used as few-shot examples"] = len(examples_rows)
+            valid[examples_rows] = False
+    elif k > 0 and len(template.spec.examples) != k:
+        raise ConfigError(f"{cfg.template}: the template has {len(template.spec.examples)} written-in examples "
+                          f"but fewshot.k is {k}")
+
+    rows = np.flatnonzero(valid)
+    if len(rows) == 0:
+        raise DataError(f"no usable minutes ({n_all} rows; dropped: {drops})", str(src))
+    ret = ret_all[rows]
+    p_minute, p_chosen, p_rejected, p_margin, pair_drops = choose_pairs(cfg, label_idx_all[rows], ret)
+    for split in split_names:
+        idx = split_names.index(split)
+        if not (split_of[rows] == idx).any():
+            raise DataError(f"split {split!r} has no usable minutes (dropped: {drops})", str(src))
+
+    # --- where to write: a temp folder beside out, renamed at the end
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    schemas = _schemas()
+    writers: dict[tuple[str, str], Any] = {}
+    try:
+        for view in VIEWS:
+            for split in split_names:
+                f = view_file(tmp, view, split)
+                f.parent.mkdir(parents=True, exist_ok=True)
+                writers[(view, split)] = pq.ParquetWriter(f, schemas[view], compression="zstd")
+
+        prefix = template.prefix()
+        prefix_chars = sum(len(m["content"]) for m in prefix)
+        ids_all_ot = df["open_time"].to_numpy(dtype="datetime64[ns]")
+        stats: dict[str, dict[str, Any]] = {s: {"items": 0, "pairs": 0, "labels": {a: 0 for a in ADVICES},
+                                                 "chosen": {a: 0 for a in ADVICES}, "margin_sum": 0.0,
+                                                 "prompt_chars": []} for s in split_names}
+        pair_start = np.searchsorted(p_minute, np.arange(len(rows) + 1))
+        bar = progress(total=len(rows), desc=f"building {name}", unit="min")
+        for c0 in range(0, len(rows), cfg.chunk_rows):
+            c1 = min(len(rows), c0 + cfg.chunk_rows)
+            r = rows[c0:c1]
+            contexts = encoder.encode(df, r, features)
+            users = template.user_messages(contexts)
+            changes = encoder.answer_changes(df, r)
+            rejected_changes = encoder.rejected_changes(changes)
+            ids = np.char.add(f"{symbol}-", np.datetime_as_string(ids_all_ot[r], unit="s")).tolist()
+            lab = labels[r]
+            teach = teach_idx[r]
+            answers = [template.answer(ADVICES[t], ch) for t, ch in zip(teach.tolist(), changes)]
+            sp = split_of[r]
+            for si, split in enumerate(split_names):
+                m = np.flatnonzero(sp == si)
+                if len(m) == 0:
+                    continue
+                ml = m.tolist()
+                u = [users[i] for i in ml]
+                ids_m = [ids[i] for i in ml]
+                prompt = messages_array(prefix, [u], ["user"])
+                rr = ret[c0 + m]
+                ans_m = [answers[i] for i in ml]
+                writers[("items", split)].write_table(pa.table({
+                    "id": ids_m, "row": pa.array(r[m], pa.int64()),
+                    "open_time": pa.array(ids_all_ot[r[m]], pa.timestamp("ns")).cast(pa.timestamp("ns", tz="UTC")),
+                    "symbol": [symbol] * len(m), "label": [str(x) for x in lab[m]], "answer": ans_m,
+                    "change": [changes[i] for i in ml], "ret_BUY": rr[:, 0], "ret_NOOP": rr[:, 1],
+                    "ret_SELL": rr[:, 2], "prompt": prompt, "context": [contexts[i] for i in ml]},
+                    schema=schemas["items"]))
+                writers[("rl", split)].write_table(pa.table({
+                    "id": ids_m, "prompt": prompt, "ret_BUY": rr[:, 0], "ret_NOOP": rr[:, 1],
+                    "ret_SELL": rr[:, 2]}, schema=schemas["rl"]))
+                writers[("sft", split)].write_table(pa.table({
+                    "id": ids_m, "messages": messages_array(prefix, [u, ans_m], ["user", "assistant"])},
+                    schema=schemas["sft"]))
+                # pairs of these minutes (several per minute with all_worse)
+                g = c0 + m
+                lo, hi = pair_start[g], pair_start[g + 1]
+                cnt = hi - lo
+                if cnt.sum():
+                    pidx = np.repeat(lo, cnt) + (np.arange(cnt.sum()) - np.repeat(np.cumsum(cnt) - cnt, cnt))
+                    loc = np.repeat(m, cnt)  # chunk-local minute of each pair
+                    ch_i, rj_i = p_chosen[pidx], p_rejected[pidx]
+                    ch_txt = [template.answer(ADVICES[a], changes[i]) for a, i in zip(ch_i.tolist(), loc.tolist())]
+                    rj_txt = [template.answer(ADVICES[a], rejected_changes[i]) for a, i in zip(rj_i.tolist(), loc.tolist())]
+                    pu = [users[i] for i in loc.tolist()]
+                    writers[("preference", split)].write_table(pa.table({
+                        "id": [ids[i] for i in loc.tolist()],
+                        "prompt": messages_array(prefix, [pu], ["user"]),
+                        "chosen": messages_array([], [ch_txt], ["assistant"]),
+                        "rejected": messages_array([], [rj_txt], ["assistant"]),
+                        "margin": p_margin[pidx], "chosen_advice": [ADVICES[a] for a in ch_i.tolist()],
+                        "rejected_advice": [ADVICES[a] for a in rj_i.tolist()]}, schema=schemas["preference"]))
+                    st = stats[split]
+                    st["pairs"] += int(cnt.sum())
+                    st["margin_sum"] += float(p_margin[pidx].sum())
+                    for j, a in enumerate(ADVICES):
+                        st["chosen"][a] += int((ch_i == j).sum())
+                st = stats[split]
+                st["items"] += len(m)
+                for a in ADVICES:
+                    st["labels"][a] += int((lab[m] == a).sum())
+                st["prompt_chars"].append(prefix_chars + np.fromiter((len(x) for x in u), np.int64, len(u)))
+            bar.update(len(r))
+        bar.close()
+        for w in writers.values():
+            w.close()
+        writers.clear()
+
+        # --- klines copy, metadata, card
+        shutil.copyfile(src, tmp / "klines.parquet")
+        split_info: dict[str, Any] = {}
+        ot_all = df["open_time"]
+        for si, split in enumerate(split_names):
+            st = stats[split]
+            srows = rows[split_of[rows] == si]
+            chars = np.concatenate(st.pop("prompt_chars")) if st["prompt_chars"] else np.zeros(0, np.int64)
+            part = parts[split]
+            split_info[split] = {
+                "minutes_in_range": int(len(part)),
+                "first_open_time": _iso(ot_all.iloc[part[0]]), "last_open_time": _iso(ot_all.iloc[part[-1]]),
+                "items": st["items"], "pairs": st["pairs"],
+                "first_item": _iso(ot_all.iloc[srows[0]]) if len(srows) else None,
+                "last_item": _iso(ot_all.iloc[srows[-1]]) if len(srows) else None,
+                "label_balance": st["labels"], "chosen_balance": st["chosen"],
+                "mean_margin_bps": round(st["margin_sum"] / st["pairs"], 3) if st["pairs"] else None,
+                "prompt_chars": _stats(chars),
+                "prompt_tokens_est": _stats(np.ceil(chars / 4.0)),
+            }
+        token_stats = _token_stats(cfg.tokenizer, tmp, split_names) if cfg.tokenizer else None
+        files = {}
+        for view in VIEWS:
+            for split in split_names:
+                f = view_file(tmp, view, split)
+                files[str(f.relative_to(tmp))] = sha256_file(f)
+        files["klines.parquet"] = sha256_file(tmp / "klines.parquet")
+        from atm.prompting.advice import load_schema
+
+        info = {
+            "kind": "atm.dataset", "name": name, "symbol": symbol,
+            "config": cfg.to_dict(),
+            "encoder": encoder.config(),
+            "template": {"name": template.name, "path": str(cfg.template), "sha256": template.sha256,
+                         "yaml": template.to_yaml(), "fewshot_k": k, "fewshot_seed": fs_seed,
+                         "example_rows": [int(x) for x in examples_rows]},
+            "schema": load_schema(),
+            "label": {**label_cfg.to_dict(), "label_horizon": label_horizon(label_cfg)},
+            "returns": {"horizon": cfg.horizon, "fee": cfg.fee, "slippage_bps": cfg.slippage_bps,
+                        "entry": "open(t)", "exit": f"open(t+{cfg.horizon})"},
+            "pairs": {"rule": cfg.pairs, "all_worse": cfg.all_worse, "min_margin": cfg.min_margin,
+                      "dropped": pair_drops},
+            "split": {**split_cfg.to_dict(), "parts": split_names},
+            "splits": split_info,
+            "rows": {"klines": n_all, "items": int(len(rows)), "dropped": drops},
+            "token_stats": token_stats,
+            "source": {"klines": str(src), "sha256": sha256_file(src), "rows": n_all,
+                       "first_open_time": _iso(ot_all.iloc[0]), "last_open_time": _iso(ot_all.iloc[-1]),
+                       "interval": src_meta.get("interval"), "market": src_meta.get("market"),
+                       "files": [{"path": f.get("path"), "sha256": f.get("sha256"), "rows": f.get("rows")}
+                                 for f in src_meta.get("files", [])]},
+            "files": files,
+            "provenance": provenance(cfg),
+        }
+        write_json_atomic(tmp / "dataset.json", info)
+        write_text_atomic(tmp / "README.md", render_card(info))
+        for f in (tmp / "dataset.json", tmp / "README.md"):
+            f.chmod(0o644)  # atomic writes create 0600 temp files; a dataset is for sharing
+
+        if out.exists():  # overwrite: swap in, then remove the old one
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    finally:
+        for w in writers.values():
+            try:
+                w.close()
+            except Exception:  # noqa: BLE001 - already failing; the temp dir is removed below
+                pass
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _token_stats(tokenizer_dir: str, root: Path, splits: list[str], sample: int = 2000) -> dict[str, Any]:
+    """Exact token counts of (a sample of) the rendered SFT conversations with a real tokenizer."""
+    import pyarrow.parquet as pq
+
+    from atm.errors import require
+
+    transformers = require("transformers", "train")
+    tok = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
+    out: dict[str, Any] = {"tokenizer": str(tokenizer_dir)}
+    for split in splits:
+        msgs = pq.read_table(view_file(root, "sft", split), columns=["messages"]).column("messages").to_pylist()
+        step = max(1, len(msgs) // sample)
+        counts = []
+        for m in msgs[::step]:
+            enc = tok.apply_chat_template(m, tokenize=True)
+            ids = enc["input_ids"] if hasattr(enc, "keys") else enc
+            counts.append(len(ids))
+        out[split] = {"sampled": len(counts), **_stats(np.asarray(counts))}
+    return out
+
+
+def render_card(info: dict[str, Any]) -> str:
+    """The dataset card (README.md): HF config front matter + what the dataset is and how it was made."""
+    import yaml
+
+    splits = info["split"]["parts"]
+    front = {"configs": [{"config_name": v, "data_files": [
+        {"split": s, "path": f"{v}/data/{s}-*.parquet"} for s in splits]} for v in VIEWS],
+        "tags": ["finance", "trading", "preference", "atm"]}
+    lines = ["---", yaml.safe_dump(front, sort_keys=False).rstrip(), "---", "",
+             f"# {info['name']}: {info['symbol']} market-advice prompts ({info['encoder']['name']} / {info['template']['name']})",
+             "", "Built by `atm prompts build`. Load a view with",
+             "", "```python", "from datasets import load_dataset",
+             f'ds = load_dataset("parquet", data_dir="{info["name"]}/preference")  # splits: {", ".join(splits)}',
+             "```", "",
+             "| view | columns | use |", "|---|---|---|",
+             "| `preference` | prompt, chosen, rejected, margin, id | ORPO / DPO (TRL conversational preference format) |",
+             "| `sft` | messages, id | SFT warm-up (prompt + chosen answer) |",
+             "| `rl` | prompt, ret_BUY, ret_NOOP, ret_SELL, id | DAPO/GRPO with `atm.prompting.advice.advice_reward` |",
+             "| `items` | id, row, open_time, symbol, label, answer, change, ret_*, prompt, context | eval harness, backtest |",
+             "", "## Source", ""]
+    s = info["source"]
+    lines += [f"- klines: `{s['klines']}` (sha256 `{s['sha256']}`), {s['rows']:,} rows, "
+              f"{s['first_open_time']} .. {s['last_open_time']}, interval {s.get('interval')}, market {s.get('market')}"]
+    if s["files"]:
+        lines += ["", "| raw file | rows | sha256 |", "|---|---|---|"]
+        lines += [f"| `{Path(str(f['path'])).name}` | {f['rows']} | `{f['sha256']}` |" for f in s["files"]]
+    lab = info["label"]
+    ret = info["returns"]
+    tpl = info["template"]
+    lines += ["", "## How it was made", "",
+              f"- Encoder: `{info['encoder']['name']}` with `{json.dumps({k: v for k, v in info['encoder'].items() if k != 'name'})}`",
+              f"- Template: `{tpl['name']}` (`{tpl['path']}`, sha256 `{tpl['sha256'][:16]}`), " + (
+                  "zero-shot" if not tpl["fewshot_k"] else
+                  f"{tpl['fewshot_k']} few-shot examples from the train split (rows {tpl['example_rows']})"
+                  if tpl["example_rows"] else f"{tpl['fewshot_k']} few-shot examples written in the template"),
+              f"- Label rule: `{lab['rule']}` (horizon {lab['horizon']}, threshold {lab['threshold']}, fee {lab['fee']})",
+              f"- Realized returns: enter at {ret['entry']}, exit at {ret['exit']}, fee {ret['fee']} per side, "
+              f"slippage {ret['slippage_bps']} bps per side; scored as in `score_advice` (bps, clipped)",
+              f"- Pairs: `{info['pairs']['rule']}`" + (f" (all_worse={info['pairs']['all_worse']}, min_margin="
+                                                       f"{info['pairs']['min_margin']} bps; dropped: {info['pairs']['dropped'] or 'none'})"
+                                                       if info['pairs']['rule'] == 'reward' else
+                                                       ": chosen = the label's answer, rejected = a random other advice"),
+              f"- Split: `{info['split']['method']}`, embargo {info['split']['embargo']} minutes between parts",
+              f"- Minutes dropped: {json.dumps(info['rows']['dropped'])}",
+              "", "## Splits", "",
+              "| split | range | items | pairs | labels BUY/NOOP/SELL | chosen BUY/NOOP/SELL | mean margin (bps) | prompt tokens (chars/4) p50 / max |",
+              "|---|---|---|---|---|---|---|---|"]
+    for sp in splits:
+        d = info["splits"][sp]
+        lb, cb = d["label_balance"], d["chosen_balance"]
+        tk = d["prompt_tokens_est"]
+        lines.append(f"| {sp} | {d['first_open_time']} .. {d['last_open_time']} | {d['items']:,} | {d['pairs']:,} | "
+                     f"{lb['BUY']:,} / {lb['NOOP']:,} / {lb['SELL']:,} | {cb['BUY']:,} / {cb['NOOP']:,} / {cb['SELL']:,} | "
+                     f"{d['mean_margin_bps']} | {tk.get('p50')} / {tk.get('max')} |")
+    if info.get("token_stats"):
+        lines += ["", f"Token counts with `{info['token_stats']['tokenizer']}` (full SFT conversation): "
+                  + "; ".join(f"{sp}: {json.dumps({k: v for k, v in info['token_stats'][sp].items()})}" for sp in splits)]
+    lines += ["", "## Full config", "", "```yaml", yaml.safe_dump(info["config"], sort_keys=False).rstrip(), "```",
+              "", "## Template (as rendered, with its examples)", "", "```yaml", tpl["yaml"].rstrip(), "```",
+              "", f"Built {info['provenance']['created']} with `{info['provenance']['command']}`.", ""]
+    return "\n".join(lines)
