@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import asdict, dataclass, field
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from atm.errors import AtmError
 
@@ -46,6 +46,8 @@ class Provider:
     spec: str = ""
     supports_loglik: bool = False
     needs_fit: bool = False
+    batch_size: int = 64  # items the harness hands over at once (results are written per item)
+    mode_note: str | None = None  # set when the provider changed mode at run time (e.g. no logprobs)
 
     def __init__(self, spec: str, arg: str, **options: Any):
         self.spec = spec
@@ -57,6 +59,14 @@ class Provider:
 
     def predict(self, items: Sequence[dict], mode: str = "generate") -> list[Prediction]:
         raise NotImplementedError
+
+    def predict_iter(self, items: Sequence[dict], mode: str = "generate") -> Iterator[Prediction]:
+        """Yield predictions as they finish (any order). Default: one ``predict`` call.
+
+        Providers with concurrent requests override this so the harness can write each result the
+        moment it arrives (a kill loses only requests still in flight).
+        """
+        yield from self.predict(items, mode)
 
     def describe(self) -> dict[str, Any]:
         """What to record in the run manifest about this provider (versions, paths, hashes)."""

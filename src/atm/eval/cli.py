@@ -1,0 +1,115 @@
+"""``atm eval ...`` == ``atm-eval ...``: run models against baselines on the same items, report."""
+
+from __future__ import annotations
+
+import argparse
+
+RUN_EPILOG = """examples:
+  atm-eval run --model atm:q8                       # default suite: sample verify split, built if missing
+  atm-eval run --model baseline:majority --model baseline:momentum --limit 500 --out runs/eval/base
+  atm-eval run --model atm:q8 --model classic:lgbm --mode loglik --out runs/eval/q8-loglik
+  atm-eval run --model openai:atm@http://127.0.0.1:8000/v1 --concurrency 8
+  atm-eval run --model atm:q8 --suite eval/suites/seed-replication.yaml
+  atm-eval run --model hf:runs/sft-merged --data datasets/build/btc-seed --split verify --limit 200
+rerun the same command after an interruption: finished items are kept, the rest are asked.
+model forms: atm:TAG | openai:MODEL@BASE_URL | ollama:NAME | hf:PATH |
+             baseline:random|majority|prior|momentum|persistence | classic:logreg|lgbm|cnn|lstm[@RUN]"""
+
+REPORT_EPILOG = """examples:
+  atm-eval report runs/eval/default-verify
+  atm-eval report runs/eval/q8 runs/eval/q4 --out runs/eval/compare"""
+
+LIST_EPILOG = """examples:
+  atm-eval list"""
+
+
+def register(parser: argparse.ArgumentParser) -> None:
+    from atm.cli import Formatter
+
+    sub = parser.add_subparsers(dest="verb", metavar="VERB")
+    p = sub.add_parser("run", help="evaluate models (and the suite's baselines) on the same items",
+                       description="Evaluate one or more models side by side on the same items, with "
+                                   "resumable per-item results, metrics with block-bootstrap CIs, paired "
+                                   "tests against baselines and a report.",
+                       epilog=RUN_EPILOG, formatter_class=Formatter)
+    p.add_argument("--model", "-m", action="append", default=[], metavar="SPEC", required=True,
+                   help="model to evaluate (repeatable)")
+    p.add_argument("--suite", default=None, help="suite YAML (eval/suites/NAME.yaml or NAME); default: default")
+    p.add_argument("--data", default=None, help="built dataset dir (datasets/build/NAME); overrides the suite's")
+    p.add_argument("--split", default=None, help="split of the items view (default: the suite's, verify)")
+    p.add_argument("--limit", type=int, default=None, help="evaluate at most N items")
+    p.add_argument("--mode", choices=["generate", "loglik"], default=None,
+                   help="generate: constrained decoding; loglik: log-prob of each advice (class probabilities)")
+    p.add_argument("--concurrency", type=int, default=None, help="requests in flight per model")
+    p.add_argument("--out", default=None, help="run directory (default runs/eval/SUITE-SPLIT[-limitN])")
+    p.add_argument("--no-baselines", action="store_true", help="do not add the suite's baselines")
+    p.add_argument("--retry-failed", action="store_true", help="ask again about items recorded as failures")
+    p.add_argument("--no-report", action="store_true", help="skip report.md / report.html")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a suite key, e.g. --set metrics.n_boot=2000")
+    p.set_defaults(func=cmd_run)
+
+    r = sub.add_parser("report", help="write report.md and report.html for run directories",
+                       description="Rebuild metrics and write report.md + a self-contained report.html.",
+                       epilog=REPORT_EPILOG, formatter_class=Formatter)
+    r.add_argument("runs", nargs="+", help="run directories")
+    r.add_argument("--out", default=None, help="where to write the report (default: the first run dir)")
+    r.set_defaults(func=cmd_report)
+
+    ls = sub.add_parser("list", help="list model forms and shipped suites", epilog=LIST_EPILOG,
+                        formatter_class=Formatter)
+    ls.set_defaults(func=cmd_list)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from atm.eval.harness import load_suite, run_eval
+
+    suite = load_suite(args.suite, args.overrides)
+    split = args.split or suite.split
+    lim = args.limit or suite.limit
+    out = args.out or f"runs/eval/{suite.name}-{split}" + (f"-limit{lim}" if lim else "")
+    metrics = run_eval(args.model, suite, out, data=args.data, split=args.split, limit=args.limit,
+                       mode=args.mode, concurrency=args.concurrency, with_baselines=not args.no_baselines,
+                       retry_failed=args.retry_failed, report=not args.no_report)
+    _print_summary(metrics)
+    return 0
+
+
+def _print_summary(metrics: dict) -> None:
+    print(f"{'model':<34} {'n':>6} {'valid':>6} {'bal.acc':>8} {'95% CI':>16} {'acc':>6}")
+    for spec, r in metrics["models"].items():
+        ci = (r.get("ci") or {}).get("balanced_accuracy") or [None, None]
+        cis = f"[{ci[0]:.3f}, {ci[1]:.3f}]" if ci[0] is not None else ""
+        ba = r.get("balanced_accuracy")
+        acc = r.get("accuracy")
+        rate = r["validity"]["rate"]
+        print(f"{spec:<34} {r['n']:>6} {100 * (rate or 0):>5.1f}% {('n/a' if ba is None else f'{ba:.3f}'):>8} "
+              f"{cis:>16} {('n/a' if acc is None else f'{acc:.3f}'):>6}")
+    for v in metrics.get("verdicts") or []:
+        print(f"verdict: {v}")
+    rep = metrics.get("report")
+    if rep:
+        print(f"report: {rep['md']} and {rep['html']}")
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from atm.eval.report import write_report
+
+    paths = write_report(args.runs, out_dir=args.out)
+    for v in paths["verdicts"]:
+        print(f"verdict: {v}")
+    print(f"report: {paths['md']} and {paths['html']}")
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from atm.eval.harness import suites_dir
+    from atm.eval.providers import VALID_FORMS
+
+    print("model forms:")
+    for f in VALID_FORMS:
+        print(f"  {f}")
+    print("suites:")
+    for p in sorted(suites_dir().glob("*.yaml")):
+        print(f"  {p}")
+    return 0
