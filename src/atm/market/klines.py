@@ -293,17 +293,17 @@ def _check_rows(p: _Parsed, where: str, step: int) -> tuple[np.ndarray, np.ndarr
             raise DataError(message(k), where, int(lines[k]))
 
     for name in PRICE_COLUMNS:
-        fail(c[name] <= 0, lambda k, n=name: f"column {n}: price {c[n][k]!r} is not positive")
+        fail(c[name] <= 0, lambda k, n=name: f"column {n}: price {_num(c[n][k])} is not positive")
     for name in VOLUME_COLUMNS:
-        fail(c[name] < 0, lambda k, n=name: f"column {n}: negative volume {c[n][k]!r}")
+        fail(c[name] < 0, lambda k, n=name: f"column {n}: negative volume {_num(c[n][k])}")
     fail(c["count"] < 0, lambda k: f"column count: negative trade count {c['count'][k]}")
     hi, lo = c["high"], c["low"]
-    fail(hi < lo, lambda k: f"high {hi[k]!r} < low {lo[k]!r}")
+    fail(hi < lo, lambda k: f"high {_num(hi[k])} < low {_num(lo[k])}")
     for name in ("open", "close"):
         v = c[name]
-        fail((v > hi) | (v < lo), lambda k, n=name, v=v: f"{n} {v[k]!r} outside [low {lo[k]!r}, high {hi[k]!r}]")
+        fail((v > hi) | (v < lo), lambda k, n=name, v=v: f"{n} {_num(v[k])} outside [low {_num(lo[k])}, high {_num(hi[k])}]")
     fail(c["taker_buy_volume"] > c["volume"] * (1 + 1e-9) + 1e-12,
-         lambda k: f"taker_buy_volume {c['taker_buy_volume'][k]!r} > volume {c['volume'][k]!r}")
+         lambda k: f"taker_buy_volume {_num(c['taker_buy_volume'][k])} > volume {_num(c['volume'][k])}")
 
     open_ns, is_us = _to_ns(c["open_time"], "open_time", lines, where)
     close_ns, _ = _to_ns(c["close_time"], "close_time", lines, where)
@@ -312,6 +312,11 @@ def _check_rows(p: _Parsed, where: str, step: int) -> tuple[np.ndarray, np.ndarr
          lambda k: f"close_time {c['close_time'][k]} is not inside the bar opening at "
                    f"{c['open_time'][k]} (close_time must rise with open_time)")
     return open_ns, close_ns, is_us
+
+
+def _num(x) -> str:
+    """A numpy scalar as plain text for messages (12.5, not np.float64(12.5))."""
+    return repr(int(x)) if isinstance(x, (int, np.integer)) else repr(float(x))
 
 
 def _iso(ns: int) -> str:
@@ -431,11 +436,11 @@ def build_klines(raw: str | Path, symbol: str, interval: str = "1m", out: str | 
             k = int(np.flatnonzero(~same)[0])
             a, b = dup[k] - 1, dup[k]
             c = diff_col[k]
-            va = cols[c][a] if c != "close_time" else close_ns[a]
-            vb = cols[c][b] if c != "close_time" else close_ns[b]
+            va = _num(cols[c][a] if c != "close_time" else close_ns[a])
+            vb = _num(cols[c][b] if c != "close_time" else close_ns[b])
             raise DataError(
                 f"conflicting duplicate minute {_iso(int(open_ns[b]))}: {files[file_idx[a]]}:{lines[a]} and "
-                f"{files[file_idx[b]]}:{lines[b]} differ in {c} ({va!r} vs {vb!r}); remove the wrong copy",
+                f"{files[file_idx[b]]}:{lines[b]} differ in {c} ({va} vs {vb}); remove the wrong copy",
                 str(files[file_idx[b]]), int(lines[b]))
         repairs.add("exact_duplicates_dropped", "exact duplicate minutes dropped (the first copy is kept)",
                     int(dup.size), [f"{files[file_idx[i]]}:{lines[i]} (= {files[file_idx[i - 1]]}:{lines[i - 1]})"
@@ -670,7 +675,9 @@ def write_binance_file(folder: str | Path, symbol: str, label: str, rows: list[l
     path = folder / f"{name}.zip"
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-        zf.writestr(f"{name}.csv", text)
+        # a fixed member date keeps the zip (and its checksum) byte-for-byte reproducible
+        zf.writestr(zipfile.ZipInfo(f"{name}.csv", date_time=(2025, 1, 1, 0, 0, 0)), text,
+                    compress_type=zipfile.ZIP_DEFLATED)
     path.write_bytes(buf.getvalue())
     if checksum:
         path.with_name(path.name + ".CHECKSUM").write_text(
