@@ -245,3 +245,23 @@ def test_label_config_load_and_unknown_key(tmp_path):
 def test_missing_column_is_a_clear_error():
     with pytest.raises(DataError, match="low"):
         compute_labels(pd.DataFrame({"open": [1.0], "high": [1.0]}), LabelConfig(rule="seed"))
+
+
+# ------------------------------------------------------------------------------- CLI
+
+def test_cli_labels_prints_balance_and_writes(cli, btc_parquet, tmp_path):
+    out = tmp_path / "labels.parquet"
+    proc = cli("data", "labels", "--klines", str(btc_parquet), "--rule", "seed", "--out", str(out))
+    assert "BUY          663" in proc.stdout and "NOOP      13,128" in proc.stdout
+    assert "unlabelled 10" in proc.stdout
+    written = pd.read_parquet(out)
+    assert list(written.columns) == ["open_time", "label"] and len(written) == 14401
+    assert written["label"].iloc[:10].isna().all()
+    proc = cli("data", "labels", "--klines", str(btc_parquet), "--rule", "fee-aware",
+               "--set", "horizon=30", "--json")
+    import json
+
+    doc = json.loads(proc.stdout)
+    assert doc["config"]["horizon"] == 30 and doc["balance"]["missing"] == 30
+    bad = cli("data", "labels", "--klines", str(btc_parquet), "--set", "horizn=3", check=False)
+    assert bad.returncode == 2 and "did you mean 'horizon'" in bad.stderr

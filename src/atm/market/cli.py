@@ -167,7 +167,66 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
-VERBS = [_add_download, _add_build, _add_info]
+# ---------------------------------------------------------------------------------------------
+# atm data labels
+# ---------------------------------------------------------------------------------------------
+
+def _add_labels(sub) -> None:
+    from atm.cli import add_config_args
+
+    p = sub.add_parser(
+        "labels", formatter_class=Formatter, help="label every minute of a klines parquet and print "
+                                                  "the class balance",
+        description="Compute labels (rules: seed, entry, return, fee-aware; see atm.market.labels) "
+                    "for every minute of a klines parquet and print how many rows fall in each class "
+                    "and how many cannot be labelled (lookback before the data, horizon past it, or a "
+                    "gap inside the window). --out writes open_time + label to a parquet.",
+        epilog="""examples:
+  atm data labels --klines runs/data/btcusdt-1m.parquet --rule seed
+  atm data labels --klines runs/data/btcusdt-1m.parquet --rule fee-aware --set horizon=30 --set fee=0.0005
+  atm data labels --klines runs/data/btcusdt-1m.parquet --rule entry --set threshold=0.003 --json""")
+    p.add_argument("--klines", required=True, help="klines parquet written by `atm data build`")
+    p.add_argument("--rule", default=None, choices=["seed", "entry", "return", "fee-aware"],
+                   help="labelling rule (default: the config's, else seed)")
+    add_config_args(p)
+    p.add_argument("--out", default=None, help="also write open_time + label to this parquet")
+    p.add_argument("--json", action="store_true", help="print config and balance as JSON")
+    p.set_defaults(func=_labels)
+
+
+def _labels(args: argparse.Namespace) -> int:
+    from atm.market.klines import read_klines_parquet
+    from atm.market.labels import LabelConfig, class_balance, compute_labels
+    from atm.utils import atomic_path
+
+    cfg = LabelConfig.load(args.config, overrides=args.overrides, rule=args.rule)
+    df = read_klines_parquet(args.klines)
+    labels = compute_labels(df, cfg)
+    bal = class_balance(labels)
+    if args.out:
+        with atomic_path(args.out, suffix=".parquet") as tmp:
+            df[["open_time"]].assign(label=labels).to_parquet(tmp, index=False)
+    if args.json:
+        print(json.dumps({"klines": args.klines, "config": cfg.to_dict(), "balance": bal}, indent=2))
+        return 0
+    print(f"{args.klines}: {_fmt_int(bal['total'])} rows, rule {cfg.rule} "
+          f"(horizon {cfg.horizon}, threshold {cfg.threshold}, fee {cfg.fee})")
+    if "counts" in bal:
+        for c, n in bal["counts"].items():
+            f = bal["fractions"][c]
+            print(f"  {c:<5} {_fmt_int(n):>10}  {'' if f is None else f'{100 * f:6.2f}%'}")
+    else:
+        print(f"  mean {bal['mean']:.6g}, std {bal['std']:.6g}, min {bal['min']:.6g}, "
+              f"max {bal['max']:.6g}; up {bal['fractions']['up']:.2%}, "
+              f"down {bal['fractions']['down']:.2%}")
+    print(f"  unlabelled {_fmt_int(bal['missing'])} (lookback before the data, horizon past it, "
+          f"or a gap in the window)")
+    if args.out:
+        print(f"wrote {args.out}")
+    return 0
+
+
+VERBS = [_add_download, _add_build, _add_info, _add_labels]
 
 
 def register(parser: argparse.ArgumentParser) -> None:
