@@ -52,7 +52,8 @@ class BuildConfig(AtmConfig):
     out: str = Field(description="output folder, e.g. datasets/build/NAME")
     name: str | None = Field(default=None, description="dataset name (default: the out folder's name)")
     symbol: str | None = Field(default=None, description="symbol recorded in items (default: from the parquet's metadata)")
-    encoder: str = Field(default="seed-json", description="context encoder: seed-json, seed-json-compat, natural, digits")
+    encoder: str | None = Field(default=None, description="context encoder: seed-json, seed-json-compat, natural, digits "
+                                "(default: the template's, else seed-json)")
     encoder_config: dict[str, Any] = Field(default_factory=dict, description="encoder settings (window, columns, precision, ...)")
     template: str = Field(default="prompts/seed.yaml", description="prompt template YAML (path, or a name in prompts/)")
     fewshot_k: int | None = Field(default=None, ge=0, le=12, description="override the template's fewshot.k")
@@ -75,10 +76,10 @@ class BuildConfig(AtmConfig):
 
     @field_validator("encoder")
     @classmethod
-    def _enc(cls, v: str) -> str:
+    def _enc(cls, v: str | None) -> str | None:
         from atm.prompting.encoders import ENCODERS
 
-        if v not in ENCODERS:
+        if v is not None and v not in ENCODERS:
             raise ValueError(f"unknown encoder {v!r}; available: {', '.join(sorted(ENCODERS))}")
         return v
 
@@ -249,15 +250,16 @@ def build_dataset(cfg: BuildConfig) -> Path:
     fs = template.spec.fewshot
     k = fs.k if cfg.fewshot_k is None else cfg.fewshot_k
     fs_seed = fs.seed if cfg.fewshot_seed is None else cfg.fewshot_seed
-    enc_cfg = {**template.spec.encoder_config, **cfg.encoder_config} if template.spec.encoder in (None, cfg.encoder) \
+    enc_name = cfg.encoder or template.spec.encoder or "seed-json"
+    enc_cfg = {**template.spec.encoder_config, **cfg.encoder_config} if template.spec.encoder in (None, enc_name) \
         else dict(cfg.encoder_config)
-    encoder = get_encoder(cfg.encoder, **enc_cfg)
+    encoder = get_encoder(enc_name, **enc_cfg)
     label_cfg = LabelConfig(rule=cfg.label, horizon=cfg.horizon, threshold=cfg.threshold, fee=cfg.fee)
     split_cfg = SplitConfig(**cfg.split)
     need = max(label_horizon(label_cfg), cfg.horizon) + encoder.lookback
     if split_cfg.embargo < need:
         raise ConfigError(f"split.embargo={split_cfg.embargo} minutes is shorter than the label/return horizon "
-                          f"({max(label_horizon(label_cfg), cfg.horizon)}) plus the {cfg.encoder} lookback "
+                          f"({max(label_horizon(label_cfg), cfg.horizon)}) plus the {enc_name} lookback "
                           f"({encoder.lookback}) = {need}: train answers would overlap verify contexts")
 
     # --- per-minute arrays (cheap, whole frame)
