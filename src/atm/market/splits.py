@@ -12,7 +12,7 @@ row of A and the first row of B number at least ``embargo``
 (``open_time[first B] - open_time[last A] >= (embargo + 1) minutes``).
 
 The default embargo (180 minutes) covers the default label horizon (10) plus the default
-feature warm-up (``FeatureConfig().warmup()`` = 122 bars) with room to spare.
+feature warm-up (``FeatureConfig().warmup()`` = 121 bars) with room to spare.
 """
 
 from __future__ import annotations
