@@ -162,9 +162,10 @@ def check_model_dir(model_dir: Path) -> None:
 def _stage_model_dir(model_dir: Path, stage: Path) -> None:
     """Symlink the model's files into ``stage`` with the chat template cleaned for GGUF readers.
 
-    transformers' ``{% generation %}`` markers (for assistant-only loss) are not Jinja: llama.cpp's
-    own template engine skips them but llama-cpp-python's jinja2 and other readers of the GGUF
-    template fail on them. They do not change the rendered text, so they are removed here.
+    transformers' ``{% generation %}`` markers (for assistant-only loss) are not standard Jinja:
+    llama.cpp's engine and llama-cpp-python >= 0.3.36 skip them, but other readers of a GGUF's
+    template (older bindings, plain jinja2) fail on them. They do not change the rendered text, so
+    they are removed here; the model directory itself is never modified.
     """
     for p in model_dir.iterdir():
         if p.name in ("tokenizer_config.json", "chat_template.jinja", "chat_template.json"):

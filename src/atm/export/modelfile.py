@@ -51,7 +51,11 @@ def _render_jinja(template: str, messages: list[dict[str, str]], add_generation_
     def raise_exception(msg: str):
         raise AtmError(f"chat template raised: {msg}")
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    import jinja2.ext
+
+    # the same settings transformers and llama-cpp-python render chat templates with
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[jinja2.ext.loopcontrols])
     env.globals["raise_exception"] = raise_exception
     return env.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
                                             bos_token=bos_token, eos_token=eos_token)
@@ -75,6 +79,8 @@ def probe_chat_template(chat_template: str, bos_token: str = "", eos_token: str 
             if role == "assistant":  # templates may require a user turn first
                 msgs = [{"role": "user", "content": _S["user"]}] + msgs
             text = render(msgs)
+            if _S[role] not in text:
+                raise AtmError(f"a lone {role} message is not rendered in place (per-role decomposition fails)")
             if role == "assistant":
                 start = text.index(_S["user"]) + len(_S["user"]) + len(suffix["user"])
                 head = text[start:text.index(_S[role])]
@@ -86,8 +92,10 @@ def probe_chat_template(chat_template: str, bos_token: str = "", eos_token: str 
             suffix[role] = text[text.index(_S[role]) + len(_S[role]):]
         u = [{"role": "user", "content": _S["user"]}]
         generation = render(u, gen=True)[len(render(u)):]
-    except AtmError:
-        raise
+    except AtmError as exc:
+        if str(exc).startswith("cannot translate"):
+            raise
+        raise AtmError(f"cannot translate the chat template to an Ollama TEMPLATE: {exc}") from None
     except Exception as exc:  # noqa: BLE001 - jinja errors of arbitrary templates
         raise AtmError(f"cannot translate the chat template to an Ollama TEMPLATE: {exc}") from None
     fmt = RoleFormat(bos=empty, prefix=prefix, suffix=suffix, generation=generation)
@@ -98,7 +106,8 @@ def probe_chat_template(chat_template: str, bos_token: str = "", eos_token: str 
     want = render(conv, gen=True)
     got = render_role_format(fmt, conv, add_generation_prompt=True)
     if want != got:
-        raise AtmError("the chat template does not decompose into per-role prefixes and suffixes "
+        raise AtmError("cannot translate the chat template to an Ollama TEMPLATE: it does not "
+                       "decompose into per-role prefixes and suffixes "
                        f"(expected {want!r}, rebuilt {got!r}); write the Modelfile TEMPLATE by hand")
     return fmt
 
@@ -138,8 +147,9 @@ def go_template(fmt: RoleFormat, keep_bos: bool) -> str:
 
 def _quote(text: str) -> str:
     """A Modelfile value: bare when single-line and unambiguous, else triple-quoted."""
-    if '"""' in text:
-        raise AtmError(f'a Modelfile value cannot contain """: {text[:60]!r}')
+    if '"""' in text or text.endswith('"'):
+        # Ollama's parser ends a triple-quoted value at the first """: such text is not representable
+        raise AtmError(f'a Modelfile value cannot contain """ or end with a quote: ...{text[-60:]!r}')
     if "\n" in text or text != text.strip() or text.startswith('"') or not text:
         return f'"""{text}"""'
     return text

@@ -78,6 +78,17 @@ class Entry:
     def file(self) -> Path:
         return Path(self.path)
 
+    @property
+    def model_dir(self) -> str | None:
+        """The merged HF model dir the GGUF was converted from (the transformers engine serves it)."""
+        return self.source.get("model_dir")
+
+    @property
+    def encoder(self) -> dict[str, Any]:
+        """The encoder config the model was trained with (from atm_model.json)."""
+        enc = (self.source.get("atm_model") or {}).get("encoder")
+        return enc if isinstance(enc, dict) else ({"name": enc} if isinstance(enc, str) else {})
+
     def template_obj(self):
         """The prompt template as an ``atm.prompting.template.Template`` (None when not recorded)."""
         if not self.template:
