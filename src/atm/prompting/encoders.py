@@ -376,7 +376,7 @@ class NaturalEncoder(Encoder):
         return [c for c in DEFAULT_NATURAL if features is None or c in features.columns]
 
     def encode(self, df, rows, features=None) -> list[str]:
-        rows = _rows(rows, len(df), 0)
+        rows = _rows(rows, len(df), self.lookback)
         if features is None:
             features = self.compute_features(df)
         cols = self.columns(features)

@@ -1,0 +1,108 @@
+"""Every shipped template renders, its answers validate against the schema, and it travels as YAML."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jsonschema
+import json
+import numpy as np
+import pytest
+
+from atm.errors import ConfigError
+from atm.prompting.advice import load_schema, parse_advice
+from atm.prompting.template import Template, choose_examples
+
+ROOT = Path(__file__).resolve().parents[1]
+TEMPLATES = sorted((ROOT / "prompts").glob("*.yaml"))
+ORIGINAL_INSTRUCTION = (
+    "Analyse the following exchange data, predict the next minute's change and advise. Respond in a "
+    "JSON object with 2 properties: predicted_open_change (8 decimals precision), and advice (BUY, NOOP or SELL)")
+
+
+def test_templates_are_shipped():
+    names = {p.stem for p in TEMPLATES}
+    assert {"seed", "natural", "seed-compat"} <= names
+
+
+@pytest.mark.parametrize("path", TEMPLATES, ids=lambda p: p.stem)
+def test_every_template_renders_and_its_answers_validate(path):
+    t = Template.load(path)
+    validator = jsonschema.Draft202012Validator(load_schema())
+    msgs = t.render("CONTEXT-TEXT")
+    assert all(set(m) == {"role", "content"} for m in msgs)
+    assert msgs[-1]["role"] == "user" and "CONTEXT-TEXT" in msgs[-1]["content"]
+    assert msgs[: len(msgs) - 1] == t.prefix()  # the shared prefix comes first, unchanged
+    roles = [m["role"] for m in msgs]
+    if t.system_text:
+        assert roles[0] == "system"
+    assert roles[-1 - 2 * len(t.spec.examples):-1] == ["user", "assistant"] * len(t.spec.examples)
+    answers = [m["content"] for m in msgs if m["role"] == "assistant"]
+    answers += [t.answer(a, c) for a in ("BUY", "NOOP", "SELL") for c in (0.0, -0.123456789, 12345.5, "0.00000000")]
+    for a in answers:
+        validator.validate(json.loads(a))
+        assert parse_advice(a).valid
+    for ex in t.spec.examples:
+        assert ex.context in "".join(m["content"] for m in msgs)
+    # it travels as YAML text and comes back identical
+    again = Template.from_yaml(t.to_yaml())
+    assert again.to_yaml() == t.to_yaml() and again.render("x") == t.render("x")
+
+
+def test_seed_templates_keep_the_original_instruction():
+    assert Template.load("seed").spec.instruction == ORIGINAL_INSTRUCTION
+    compat = Template.load("seed-compat")
+    assert compat.spec.instruction == ORIGINAL_INSTRUCTION
+    assert compat.spec.encoder == "seed-json-compat"
+    assert sorted(e.advice for e in compat.spec.examples) == ["BUY", "NOOP", "SELL"]  # 3-shot, well-formed
+    for ex in compat.spec.examples:
+        obj = json.loads(ex.context)
+        assert [len(v) for v in obj.values()] == [9, 9, 9]
+
+
+def test_answer_formats():
+    t = Template.load("seed")
+    assert t.answer("BUY", -1.5) == '{"predicted_open_change": "-1.50000000", "advice": "BUY"}'
+    assert t.answer("NOOP", -1e-12) == '{"predicted_open_change": "0.00000000", "advice": "NOOP"}'
+    with pytest.raises(ValueError):
+        t.answer("HOLD", 0.0)
+
+
+def test_with_examples_and_user_messages():
+    t = Template.load("seed").with_examples([
+        {"context": "ctx-a", "advice": "SELL", "change": "-1.00000000", "row": 5, "split": "train"}])
+    msgs = t.render("ctx-b")
+    assert [m["role"] for m in msgs] == ["system", "user", "assistant", "user"]
+    assert msgs[2]["content"] == '{"predicted_open_change": "-1.00000000", "advice": "SELL"}'
+    assert t.user_messages(["ctx-b"]) == [msgs[-1]["content"]]
+    assert Template.from_yaml(t.to_yaml()).render("ctx-b") == msgs
+
+
+@pytest.mark.parametrize("patch, match", [
+    ({"input": "no context here"}, "context"),
+    ({"answer": '{"predicted_open_change": "{change}", "advice": "{advice}"}'}, "placeholder"),
+    ({"answer": '{{"advice": "{advice}"}}'}, "valid answer"),
+    ({"fewshot": {"k": 3, "source_split": "verify"}}, "train"),
+    ({"colour": "blue"}, "unknown key"),
+])
+def test_bad_templates_are_rejected(patch, match):
+    import yaml
+
+    data = yaml.safe_load((ROOT / "prompts" / "seed.yaml").read_text())
+    data.update(patch)
+    with pytest.raises(ConfigError, match=match):
+        Template.from_yaml(yaml.safe_dump(data))
+
+
+def test_choose_examples_balanced_seeded_and_from_candidates_only():
+    rng = np.random.default_rng(0)
+    labels = rng.choice(np.array(["BUY", "NOOP", "SELL"], dtype=object), size=1000, p=[0.05, 0.9, 0.05])
+    train = np.arange(0, 700)
+    a = choose_examples(labels, train, 6, seed=3)
+    assert a.tolist() == choose_examples(labels, train, 6, seed=3).tolist()
+    assert a.tolist() != choose_examples(labels, train, 6, seed=4).tolist()
+    assert set(a.tolist()) <= set(train.tolist())
+    assert sorted(labels[a].tolist()) == ["BUY", "BUY", "NOOP", "NOOP", "SELL", "SELL"]
+    b = choose_examples(labels, train, 3, seed=0)
+    assert sorted(labels[b].tolist()) == ["BUY", "NOOP", "SELL"]
+    assert len(choose_examples(labels, train, 0)) == 0
