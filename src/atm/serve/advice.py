@@ -1,0 +1,268 @@
+"""``POST /v1/advice``: klines in, the model's advice out, prompted exactly as the model was trained.
+
+The window is encoded with the encoder and template saved with the model (registry manifest),
+decoded under the model's answer schema, parsed by the one strict parser
+(``atm.prompting.advice.parse_advice``) and, when the engine returns token log-probabilities,
+given class probabilities read at the token where the advice value starts.
+
+The advised minute t is the one after the last kline given (or the ``time`` asked for, with a
+dataset's klines): only bars before t are encoded, as at the open of t.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+from datetime import datetime, timezone
+from typing import Any
+
+import numpy as np
+
+ADVICES = ("BUY", "NOOP", "SELL")
+BINANCE_ORDER = ("open_time", "open", "high", "low", "close", "volume", "close_time", "quote_volume",
+                 "count", "taker_buy_volume", "taker_buy_quote_volume")
+PRICE_COLS = ("open", "high", "low", "close")
+FLOAT_COLS = ("open", "high", "low", "close", "volume", "quote_volume", "taker_buy_volume",
+              "taker_buy_quote_volume")
+MINUTE_NS = 60_000_000_000
+_ADVICE_KEY = re.compile(r'"advice"\s*:\s*"')
+
+
+class AdviceInputError(Exception):
+    def __init__(self, message: str, param: str | None = "klines"):
+        super().__init__(message)
+        self.param = param
+
+
+def _to_ts(value: Any, where: str):
+    import pandas as pd
+
+    if isinstance(value, bool) or value is None:
+        raise AdviceInputError(f"{where}: open_time is missing or not a time ({value!r})")
+    try:
+        if isinstance(value, (int, float)):
+            if not math.isfinite(value):
+                raise ValueError("not finite")
+            # Binance: milliseconds (spot) or microseconds (spot since 2025)
+            unit = "us" if abs(value) >= 1e14 else "ms"
+            return pd.Timestamp(int(value), unit=unit, tz="UTC")
+        ts = pd.Timestamp(str(value))
+        return ts.tz_localize("UTC") if ts.tzinfo is None else ts.tz_convert("UTC")
+    except (ValueError, TypeError, OverflowError) as exc:
+        raise AdviceInputError(f"{where}: open_time {value!r} is not a time ({exc})") from None
+
+
+def klines_frame(rows: list[Any]):
+    """A kline frame (docs/architecture.md layout) from JSON rows: objects with the column names,
+    or arrays in Binance's column order. Checked: numbers finite, prices > 0, consecutive minutes."""
+    import pandas as pd
+
+    if not rows:
+        raise AdviceInputError("klines is empty")
+    recs: dict[str, list] = {c: [] for c in BINANCE_ORDER}
+    for i, row in enumerate(rows):
+        where = f"klines[{i}]"
+        if isinstance(row, list):
+            if len(row) < 6:
+                raise AdviceInputError(f"{where}: an array row needs at least open_time, open, high, "
+                                       f"low, close, volume (got {len(row)} values)")
+            row = dict(zip(BINANCE_ORDER, row))
+        if not isinstance(row, dict):
+            raise AdviceInputError(f"{where}: expected an object or an array")
+        recs["open_time"].append(_to_ts(row.get("open_time"), where))
+        for c in FLOAT_COLS + ("count",):
+            v = row.get(c)
+            if v is None:
+                if c in PRICE_COLS or c == "volume":
+                    raise AdviceInputError(f"{where}: {c} is missing")
+                v = 0
+            try:
+                if isinstance(v, bool):
+                    raise ValueError
+                f = float(v)  # Binance sends numbers as strings; both are fine
+            except (TypeError, ValueError):
+                raise AdviceInputError(f"{where}: {c} is not a number ({v!r})") from None
+            if not math.isfinite(f):
+                raise AdviceInputError(f"{where}: {c} is not finite ({v!r})")
+            if c in PRICE_COLS and f <= 0:
+                raise AdviceInputError(f"{where}: {c} must be positive ({v!r})")
+            if f < 0:
+                raise AdviceInputError(f"{where}: {c} must not be negative ({v!r})")
+            recs[c].append(f)
+        recs["close_time"].append(None)
+    df = pd.DataFrame({c: recs[c] for c in BINANCE_ORDER if c != "close_time"})
+    df["open_time"] = pd.to_datetime(df["open_time"], utc=True).astype("datetime64[ns, UTC]")
+    df = df.sort_values("open_time", kind="stable").reset_index(drop=True)
+    ns = df["open_time"].astype("int64").to_numpy()
+    if (ns % MINUTE_NS).any():
+        raise AdviceInputError("klines: open_time values must fall on whole minutes (1m klines)")
+    d = np.diff(ns)
+    if (d == 0).any():
+        i = int(np.argmax(d == 0))
+        raise AdviceInputError(f"klines: minute {df['open_time'][i].isoformat()} appears twice")
+    if (d != MINUTE_NS).any():
+        i = int(np.argmax(d != MINUTE_NS))
+        raise AdviceInputError(f"klines: gap after {df['open_time'][i].isoformat()}: 1m klines must be "
+                               "consecutive minutes")
+    df["count"] = df["count"].astype("int64")
+    df["close_time"] = df["open_time"] + pd.Timedelta(milliseconds=59_999)
+    return df[list(BINANCE_ORDER)]
+
+
+_DATASETS: dict[str, Any] = {}
+
+
+def dataset_window(settings, symbol: str, when: Any, need: int):
+    """The ``need`` bars before minute ``when`` from the configured klines of ``symbol``."""
+    import pandas as pd
+
+    path = settings.klines.get(symbol) or settings.klines.get(symbol.upper())
+    if path is None:
+        known = ", ".join(settings.klines) or "none (set `klines:` in the serve config)"
+        raise AdviceInputError(f"no klines configured for symbol {symbol!r}; configured: {known}", "symbol")
+    df = _DATASETS.get(path)
+    if df is None:
+        from atm.market.klines import read_klines_parquet
+
+        df = read_klines_parquet(path)
+        _DATASETS[path] = df
+    if when is None:
+        raise AdviceInputError("give `time` (the minute to advise) with `symbol`", "time")
+    t = _to_ts(when, "time").floor("min")
+    ns = df["open_time"].astype("int64").to_numpy()
+    end = int(np.searchsorted(ns, t.value))  # rows before t
+    if end < need:
+        raise AdviceInputError(f"{symbol}: only {end} bars before {t.isoformat()}, the encoder needs {need}",
+                               "time")
+    return df.iloc[end - need:end].reset_index(drop=True)
+
+
+def _with_target_row(df):
+    """Append minute t (after the last bar) so encoders can address it; its values are never read
+    by an encoder (contexts use bars before t), so it repeats the last close with no volume."""
+    import pandas as pd
+
+    last = df.iloc[-1]
+    row = {c: last[c] for c in df.columns}
+    row["open_time"] = last["open_time"] + pd.Timedelta(minutes=1)
+    row["close_time"] = row["open_time"] + pd.Timedelta(milliseconds=59_999)
+    for c in PRICE_COLS:
+        row[c] = float(last["close"])
+    for c in ("volume", "quote_volume", "taker_buy_volume", "taker_buy_quote_volume"):
+        if c in row:
+            row[c] = 0.0
+    if "count" in row:
+        row["count"] = 0
+    if "filled" in df.columns:
+        row["filled"] = True
+    return pd.concat([df, pd.DataFrame([row]).astype(df.dtypes.to_dict())], ignore_index=True)
+
+
+def encode_window(m, df) -> tuple[str, str]:
+    """(context text, ISO time of the advised minute) for the minute after ``df``'s last bar."""
+    enc = m.get_encoder()
+    if len(df) < enc.lookback:
+        raise AdviceInputError(f"klines: {len(df)} bars given, the model's encoder "
+                               f"({enc.name}) needs at least {enc.lookback}")
+    full = _with_target_row(df)
+    t = len(full) - 1
+    features = enc.compute_features(full) if getattr(enc, "needs_features", False) else None
+    context = enc.encode(full, np.array([t], dtype=np.int64), features)[0]
+    return context, full["open_time"].iloc[t].isoformat()
+
+
+def class_probs(resp: dict[str, Any], text: str) -> dict[str, float] | None:
+    """P(BUY/NOOP/SELL) from the top log-probs at the token where the advice value starts.
+
+    The candidates at that position are matched to the classes by prefix (``B`` -> BUY, ``NO`` ->
+    NOOP ...) and renormalized over the three classes; None when the engine gave no log-probs or
+    the position cannot be found.
+    """
+    try:
+        content = resp["choices"][0]["logprobs"]["content"]
+    except (KeyError, IndexError, TypeError):
+        return None
+    if not content:
+        return None
+    m = _ADVICE_KEY.search(text)
+    if not m:
+        return None
+    start = m.end()
+    pos = 0
+    for tok in content:
+        piece = tok.get("token", "")
+        end = pos + len(piece)
+        if pos <= start < end or (pos == start and piece):
+            pre = piece[: start - pos]
+            mass = {a: 0.0 for a in ADVICES}
+            alts = tok.get("top_logprobs") or [{"token": piece, "logprob": tok.get("logprob", 0.0)}]
+            for alt in alts:
+                s = alt.get("token", "")
+                if not s.startswith(pre):
+                    continue
+                r = s[len(pre):]
+                if not r:
+                    continue
+                hits = [a for a in ADVICES if a.startswith(r) or r.startswith(a)]
+                if len(hits) == 1:
+                    mass[hits[0]] += math.exp(float(alt.get("logprob", -1e9)))
+            total = sum(mass.values())
+            if total <= 0:
+                return None
+            return {a: round(v / total, 6) for a, v in mass.items()}
+        pos = end
+    return None
+
+
+async def advise(request, m, req, settings, call_cancellable) -> dict[str, Any]:
+    """Answer one /v1/advice request (see the module docstring)."""
+    from atm.prompting.advice import parse_advice
+    from atm.serve.engines import EngineError
+
+    try:
+        template = m.template()
+        enc = m.get_encoder()
+        schema = m.advice_schema()
+    except Exception as exc:  # noqa: BLE001 - a model without its metadata is a client-visible 400
+        raise AdviceInputError(f"model {m.name!r} cannot give advice: {exc}", "model") from None
+    if req.klines is not None:
+        df = klines_frame(req.klines)
+    elif req.symbol:
+        df = dataset_window(settings, req.symbol, req.time, max(enc.lookback + 1, 64))
+    else:
+        raise AdviceInputError("give `klines` (a window of 1m klines) or `symbol` and `time`")
+    context, for_time = encode_window(m, df)
+    messages = template.render(context)
+    internal: dict[str, Any] = {"model": m.name, "messages": messages, "max_tokens": req.max_tokens,
+                                "temperature": req.temperature, "json_schema": schema}
+    if req.seed is not None:
+        internal["seed"] = req.seed
+    want_probs = req.probs and m.engine.supports_logprobs and settings.top_logprobs > 0
+    if want_probs:
+        internal["logprobs"] = True
+        internal["top_logprobs"] = settings.top_logprobs
+    t0 = time.perf_counter()
+    async with m.engine.admit():
+        resp = await call_cancellable(request, m.engine.chat(internal))
+    gen_ms = (time.perf_counter() - t0) * 1000
+    choice = (resp.get("choices") or [{}])[0]
+    text = (choice.get("message") or {}).get("content") or ""
+    parsed = parse_advice(text)
+    probs = class_probs(resp, text) if want_probs else None
+    if not isinstance(resp, dict):  # pragma: no cover - engines return dicts
+        raise EngineError("engine returned no response", 502)
+    last_open = df["open_time"].iloc[-1]
+    return {
+        "model": m.name, "time": for_time,
+        "last_kline": last_open.isoformat(),
+        "advice": parsed.advice,
+        "predicted_open_change": json.loads(text)["predicted_open_change"] if parsed.valid else None,
+        "valid": parsed.valid, "reason": parsed.reason, "probs": probs, "raw": text,
+        "context": context, "messages": messages,
+        "template": template.name, "encoder": enc.config(),
+        "finish_reason": choice.get("finish_reason"),
+        "usage": resp.get("usage"), "engine_ms": round(gen_ms, 2),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }

@@ -1,0 +1,106 @@
+"""``atm serve``: serve registry models through an OpenAI- and Ollama-compatible API."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+EPILOG = """examples:
+  atm serve --model atm:q8
+  atm serve --model atm:q8 --model atm:q4 --port 8000 --api-key $ATM_API_KEY
+  atm serve --config serve/default.yaml --set parallel=4
+  atm serve --model mine=runs/x-merged --engine transformers
+  atm serve --model gpt=http://127.0.0.1:11434 --engine remote --set models.0.upstream_api=ollama
+
+then:
+  curl http://127.0.0.1:8000/v1/models
+  curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\
+       -d '{"model": "atm:q8", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 16}'
+  OLLAMA_HOST=127.0.0.1:8000 python -c "import ollama; print(ollama.list())"
+
+--model takes a registry name (atm:q8), NAME=PATH (a GGUF file or HF dir), a bare PATH, or
+NAME=http://... (a remote OpenAI-compatible server, with --engine remote)."""
+
+
+def register(p: argparse.ArgumentParser) -> None:
+    from atm.cli import add_config_args
+
+    p.epilog = EPILOG
+    p.add_argument("--model", action="append", default=[], metavar="NAME",
+                   help="model to serve (repeatable): atm:q8, NAME=PATH, PATH or NAME=URL")
+    p.add_argument("--engine", choices=["llama-server", "transformers", "vllm", "remote"], default=None,
+                   help="engine for the models (default from the config: llama-server)")
+    p.add_argument("--host", default=None, help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=None, help="port (default 8000)")
+    p.add_argument("--api-key", default=None,
+                   help="require `Authorization: Bearer KEY` (default: $ATM_API_KEY; unset = open)")
+    p.add_argument("--parallel", type=int, default=None, help="engine slots per model (default 8)")
+    p.add_argument("--ctx-size", type=int, default=None, help="context per slot in tokens (default 2048)")
+    add_config_args(p)
+    p.set_defaults(func=run)
+
+
+def load_settings(args: argparse.Namespace):
+    from atm.serve.models import parse_model_arg
+    from atm.serve.settings import ServeSettings
+
+    settings = ServeSettings.load(args.config, overrides=args.overrides)
+    if args.model:
+        settings.models = [parse_model_arg(m) for m in args.model]
+    for key, attr in (("engine", "engine"), ("host", "host"), ("port", "port"), ("api_key", "api_key"),
+                      ("parallel", "parallel"), ("ctx_size", "ctx_size")):
+        v = getattr(args, attr, None)
+        if v is not None:
+            setattr(settings, key, v)
+    return settings
+
+
+def run(args: argparse.Namespace) -> int:
+    from atm.errors import AtmError, require
+
+    settings = load_settings(args)
+    if not settings.models:
+        raise AtmError("no model to serve: give --model atm:q8 (see `atm models list`) or a --config "
+                       "with `models:`")
+    require("fastapi", "serve")
+    uvicorn = require("uvicorn", "serve")
+    from atm.serve.app import create_app
+
+    app = create_app(settings)
+    key = settings.resolved_api_key()
+    if settings.host not in ("127.0.0.1", "localhost", "::1") and not key:
+        print(f"atm serve: warning: binding {settings.host} without an API key: anyone who can reach "
+              "this port can use the models", file=sys.stderr)
+    names = ", ".join(m.name for m in settings.models)
+    print(f"atm serve: starting {names} ({settings.engine}) on http://{settings.host}:{settings.port}"
+          f"{' (API key required)' if key else ''}", file=sys.stderr, flush=True)
+    kw = {}
+    try:
+        import uvloop  # noqa: F401
+
+        kw["loop"] = "uvloop"
+    except ImportError:
+        pass
+    try:
+        import httptools  # noqa: F401
+
+        kw["http"] = "httptools"
+    except ImportError:
+        pass
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
+                            access_log=settings.log_level == "debug", timeout_graceful_shutdown=10,
+                            **kw)
+    server = uvicorn.Server(config)
+    server.run()
+    # uvicorn exits quietly when the lifespan (engine start) fails; say so with a non-zero code
+    if not getattr(server, "started", False):
+        print("atm serve: did not start (see the error above)", file=sys.stderr)
+        return 1
+    return 0
+
+
+if os.environ.get("ATM_DEBUG") == "1":  # pragma: no cover
+    import faulthandler
+
+    faulthandler.enable()
