@@ -1,0 +1,245 @@
+"""`train(method, recipe, overrides)`: SFT, ORPO and DAPO with LoRA on an ATM dataset.
+
+Each method reads its own view of the dataset (docs/architecture.md): SFT the `sft` view
+(`messages`), ORPO the `preference` view (`prompt`/`chosen`/`rejected`), DAPO the `rl` view
+(`prompt` + `ret_BUY/ret_NOOP/ret_SELL`, scored by `atm.prompting.advice.score_advice`, the same
+function the eval harness uses). The run dir gets the LoRA adapter, the tokenizer, checkpoints,
+`log.jsonl` (every logged step, also across resumes) and `atm_run.json` (what made the run).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+from atm.errors import AtmError, ConfigError, DataError, require
+from atm.finetune.config import FinetuneConfig
+
+VIEWS = {"sft": ("sft", ["messages"]), "orpo": ("preference", ["prompt", "chosen", "rejected"]),
+         "dapo": ("rl", ["prompt", "ret_BUY", "ret_NOOP", "ret_SELL"])}
+RUN_FILE = "atm_run.json"
+LOG_FILE = "log.jsonl"
+
+
+def load_config(method: str, recipe: str | Path | None, overrides: Iterable[str] = ()) -> FinetuneConfig:
+    """The recipe + overrides, validated, with `{method}` in output_dir filled in."""
+    cfg = FinetuneConfig.load(recipe, overrides=list(overrides)).for_method(method)
+    if "{method}" in cfg.output_dir:
+        cfg = cfg.model_copy(update={"output_dir": cfg.output_dir.replace("{method}", method)})
+    return cfg
+
+
+def load_split(data: str | Path, view: str, split: str = "train", columns: list[str] | None = None):
+    """One split of one view of an ATM dataset as a `datasets.Dataset`."""
+    datasets = require("datasets", "train")
+    f = Path(data) / view / "data" / f"{split}-00000-of-00001.parquet"
+    if not f.exists():
+        raise DataError(f"missing {view}/{split} split (build the dataset with `atm prompts build`)",
+                        str(f))
+    ds = datasets.load_dataset("parquet", data_files={split: str(f)}, split=split)
+    if columns:
+        missing = [c for c in columns if c not in ds.column_names]
+        if missing:
+            raise DataError(f"missing columns {missing} (has {ds.column_names})", str(f))
+        ds = ds.select_columns(columns)
+    if len(ds) == 0:
+        raise DataError("no rows", str(f))
+    return ds
+
+
+def dataset_summary(data: str | Path) -> dict[str, Any]:
+    """The dataset's `dataset.json` (its full config and provenance), or just the path."""
+    meta = Path(data) / "dataset.json"
+    if not meta.exists():
+        return {"path": str(data)}
+    try:
+        return {"path": str(data), **json.loads(meta.read_text())}
+    except json.JSONDecodeError as exc:
+        raise DataError(f"not valid JSON: {exc}", str(meta)) from None
+
+
+def load_model_for_training(cfg: FinetuneConfig):
+    """(model, tokenizer). A LoRA run dir as `model` is merged first (e.g. DAPO after SFT)."""
+    from atm.finetune.base import load_base
+
+    src = Path(cfg.model).expanduser()
+    if (src / "adapter_config.json").exists():
+        from atm.finetune.merge import load_merged
+
+        return load_merged(src)
+    kw: dict[str, Any] = {}
+    if cfg.load_in_4bit:
+        transformers = require("transformers", "train")
+        require("bitsandbytes", "train", package="bitsandbytes")
+        torch = require("torch", "train")
+        kw["quantization_config"] = transformers.BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16 if cfg.bf16 else torch.float16)
+        kw["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))}
+    if cfg.bf16 and not cfg.load_in_4bit:
+        kw["dtype"] = "bfloat16"
+    return load_base(cfg.model, trust_remote_code=cfg.trust_remote_code, **kw)
+
+
+def lora_config(cfg: FinetuneConfig):
+    peft = require("peft", "train")
+    return peft.LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                           target_modules=cfg.lora.target_modules,
+                           modules_to_save=cfg.lora.modules_to_save or None, task_type="CAUSAL_LM")
+
+
+def _common_args(cfg: FinetuneConfig) -> dict[str, Any]:
+    report = list(cfg.report_to)
+    for tracker in report:
+        if tracker not in ("tensorboard", "wandb"):
+            raise ConfigError(f"report_to: unknown tracker {tracker!r} (tensorboard, wandb)")
+        require("tensorboard" if tracker == "tensorboard" else "wandb", "train")
+    return dict(
+        output_dir=cfg.output_dir, seed=cfg.seed, max_steps=cfg.max_steps,
+        num_train_epochs=cfg.num_train_epochs, learning_rate=cfg.learning_rate,
+        lr_scheduler_type=cfg.lr_scheduler_type, warmup_steps=cfg.warmup_ratio,
+        weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm,
+        per_device_train_batch_size=cfg.per_device_train_batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps, bf16=cfg.bf16, fp16=cfg.fp16,
+        tf32=cfg.tf32, gradient_checkpointing=cfg.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
+        optim=cfg.optim, save_strategy="steps", save_steps=cfg.save_steps,
+        save_total_limit=cfg.save_total_limit, logging_strategy="steps",
+        logging_steps=cfg.logging_steps, report_to=report or "none",
+        dataloader_num_workers=cfg.dataloader_num_workers,
+        disable_tqdm=os.environ.get("ATM_NO_PROGRESS") == "1", use_cpu=_no_accelerator(),
+    )
+
+
+def _no_accelerator() -> bool:
+    torch = require("torch", "train")
+    return not (torch.cuda.is_available() or getattr(torch.backends, "mps", None) and
+                torch.backends.mps.is_available())
+
+
+def _resume_checkpoint(cfg: FinetuneConfig) -> str | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    out = Path(cfg.output_dir)
+    if cfg.resume is False:
+        return None
+    if isinstance(cfg.resume, str) and cfg.resume not in ("auto", "true", "false"):
+        ckpt = Path(cfg.resume)
+        if not (ckpt / "trainer_state.json").exists():
+            raise ConfigError(f"resume: {ckpt} is not a checkpoint (no trainer_state.json)")
+        return str(ckpt)
+    if cfg.resume == "false":
+        return None
+    last = get_last_checkpoint(str(out)) if out.is_dir() else None
+    if last is None and cfg.resume in (True, "true"):
+        raise ConfigError(f"resume: no checkpoint in {out}")
+    return last
+
+
+def make_callbacks(run_dir: Path, method: str):
+    transformers = require("transformers", "train")
+
+    class JsonlLogger(transformers.TrainerCallback):
+        """Append every log event to `log.jsonl` (one JSON object per line, flushed at once so a
+        killed run keeps what it logged; a resumed run appends after a `resume` event)."""
+
+        def __init__(self):
+            self.path = run_dir / LOG_FILE
+            self.t0 = time.time()
+
+        def _write(self, obj: dict[str, Any]) -> None:
+            with open(self.path, "a") as fh:
+                fh.write(json.dumps(obj, default=float) + "\n")
+                fh.flush()
+
+        def on_train_begin(self, args, state, control, **kw):
+            if state.is_world_process_zero:
+                self._write({"event": "train_begin", "method": method, "global_step": state.global_step,
+                             "max_steps": state.max_steps, "time": time.time()})
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if state.is_world_process_zero and logs:
+                self._write({"step": state.global_step, "epoch": state.epoch,
+                             "elapsed_s": round(time.time() - self.t0, 3), **logs})
+
+        def on_train_end(self, args, state, control, **kw):
+            if state.is_world_process_zero:
+                self._write({"event": "train_end", "global_step": state.global_step,
+                             "time": time.time()})
+
+    return [JsonlLogger()]
+
+
+def build_trainer(method: str, cfg: FinetuneConfig, model, tok, train_ds, callbacks):
+    common = _common_args(cfg)
+    peft_cfg = lora_config(cfg)
+    if method == "sft":
+        trl = require("trl", "train")
+        args = trl.SFTConfig(**common, max_length=cfg.max_length, packing=cfg.sft.packing,
+                             assistant_only_loss=cfg.sft.assistant_only_loss, dataset_num_proc=None)
+        return trl.SFTTrainer(model=model, args=args, train_dataset=train_ds, processing_class=tok,
+                              peft_config=peft_cfg, callbacks=callbacks)
+    if method == "orpo":
+        os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+        orpo = require("trl.experimental.orpo", "train", package="trl")
+        args = orpo.ORPOConfig(**common, max_length=cfg.max_length, beta=cfg.orpo.beta)
+        return orpo.ORPOTrainer(model=model, args=args, train_dataset=train_ds, processing_class=tok,
+                                peft_config=peft_cfg, callbacks=callbacks)
+    if method == "dapo":
+        from atm.finetune.dapo import build_dapo_trainer
+
+        return build_dapo_trainer(cfg, common, model, tok, train_ds, peft_cfg, callbacks)
+    raise ConfigError(f"unknown method {method!r}")
+
+
+def train(method: str, recipe: str | Path | None, overrides: Iterable[str] = ()) -> Path:
+    """Run one training job; returns the run dir (LoRA adapter + tokenizer + logs)."""
+    cfg = load_config(method, recipe, overrides)
+    require("trl", "train")
+    from atm.utils import provenance, write_json_atomic
+
+    run_dir = Path(cfg.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    view, columns = VIEWS[method]
+    train_ds = load_split(cfg.data, view, "train", columns)
+    if cfg.max_train_samples:
+        train_ds = train_ds.select(range(min(cfg.max_train_samples, len(train_ds))))
+    resume_from = _resume_checkpoint(cfg)
+
+    import transformers
+
+    transformers.set_seed(cfg.seed)
+    model, tok = load_model_for_training(cfg)
+    run_info = {
+        "method": method, "recipe": str(recipe) if recipe else None, "overrides": list(overrides),
+        "config": cfg.to_dict(), "dataset": dataset_summary(cfg.data), "view": view,
+        "train_rows": len(train_ds), "base_model": cfg.model, "resumed_from": resume_from,
+        "provenance": provenance(cfg),
+    }
+    write_json_atomic(run_dir / RUN_FILE, {**run_info, "status": "running"})
+    trainer = build_trainer(method, cfg, model, tok, train_ds, make_callbacks(run_dir, method))
+    if resume_from:
+        print(f"resuming from {resume_from}", file=sys.stderr)
+    t0 = time.time()
+    result = trainer.train(resume_from_checkpoint=resume_from)
+    trainer.save_model(str(run_dir))
+    tok.save_pretrained(str(run_dir))
+    state = trainer.state
+    write_json_atomic(run_dir / RUN_FILE, {
+        **run_info, "status": "done", "global_step": state.global_step,
+        "train_seconds": round(time.time() - t0, 2), "metrics": result.metrics,
+        "trainable_parameters": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
+    })
+    return run_dir
+
+
+def read_log(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The run's `log.jsonl` as a list of dicts."""
+    p = Path(run_dir) / LOG_FILE
+    if not p.exists():
+        raise AtmError(f"{p}: no log (is this a run dir?)")
+    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
