@@ -60,6 +60,10 @@ def register(parser: argparse.ArgumentParser) -> None:
                         formatter_class=Formatter)
     ls.set_defaults(func=cmd_list)
 
+    from atm.eval.classic.cli import register_verbs as classic_verbs  # train-classic (classic models' issue)
+
+    classic_verbs(sub)
+
 
 def cmd_run(args: argparse.Namespace) -> int:
     from atm.eval.harness import load_suite, run_eval
