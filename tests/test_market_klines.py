@@ -69,6 +69,13 @@ def test_raw_may_be_the_folder_of_zips_or_one_file(sample_raw, tmp_path):
     assert a["rows"] == 1000 and b["rows"] == b["files"][0]["rows"] < 1000
     with pytest.raises(DataError, match=r"no ETHUSDT/1m klines .*symbols there: BNBBTC, BTCUSDT"):
         build_klines(sample_raw, "ETHUSDT", out=tmp_path / "c.parquet", progress=False)
+    with pytest.raises(DataError, match=r"intervals there for BTCUSDT: 1m"):
+        build_klines(sample_raw, "BTCUSDT", interval="5m", out=tmp_path / "c.parquet", progress=False)
+    with pytest.raises(DataError, match=r"no futures/um data .*markets there: spot; pass --market"):
+        build_klines(sample_raw, "BTCUSDT", market="futures/um", out=tmp_path / "c.parquet", progress=False)
+    with pytest.raises(DataError, match=r"interval '1mo' is not supported"):
+        build_klines(sample_raw, "BTCUSDT", interval="1mo", out=tmp_path / "c.parquet", progress=False)
+    assert not (tmp_path / "c.parquet").exists()
 
 
 def test_fast_parser_matches_line_scan(sample_raw):

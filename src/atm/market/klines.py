@@ -101,14 +101,21 @@ def find_kline_files(raw: str | Path, symbol: str, interval: str = "1m", market:
 
     root = raw / "data" if (raw / "data").is_dir() else raw
     market_dir = root / market
+    if root is not raw and not market_dir.is_dir():
+        have = sorted(m for m in MARKETS if (root / m).is_dir())
+        raise DataError(f"no {market} data under {root} (markets there: {', '.join(have) or 'none'}; "
+                        f"pass --market)", str(raw))
     if market_dir.is_dir():  # Binance's layout
         dirs = [market_dir / g / "klines" / symbol / interval for g in GRANULARITIES]
         dirs = [d for d in dirs if d.is_dir()]
         if not dirs:
             known = sorted({p.name for g in GRANULARITIES for p in (market_dir / g / "klines").glob("*")
                             if p.is_dir()})
+            intervals = sorted({p.name for g in GRANULARITIES
+                                for p in (market_dir / g / "klines" / symbol).glob("*") if p.is_dir()})
+            hint = f"; intervals there for {symbol}: {', '.join(intervals)}" if intervals else ""
             raise DataError(f"no {symbol}/{interval} klines under {market_dir}/{{daily,monthly}}/klines "
-                            f"(symbols there: {', '.join(known) or 'none'})", str(raw))
+                            f"(symbols there: {', '.join(known) or 'none'}{hint})", str(raw))
     else:
         dirs = [raw]
     files, ignored = [], []
