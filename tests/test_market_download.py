@@ -124,11 +124,13 @@ def test_download_verifies_retries_resumes(upstream, tmp_path, cli):
     (got / "BTCUSDT-1m-2025-08-09.zip.CHECKSUM").unlink()
     tampered = got / "BTCUSDT-1m-2025-08-10.zip"
     tampered.write_bytes(tampered.read_bytes()[:100])
+    (got / ".BTCUSDT-1m-2025-08-09.zip.999999.part").write_bytes(b"left by a killed run")
     server.log.clear()
     s2 = download("BTCUSDT", "1m", "2025-08-07", "2025-08-11", out, base_url=url, retries=1, backoff=0.01,
                   timeout=10)
     assert (s2["fetched"], s2["already"], s2["missing"], s2["failed"]) == (2, 3, [], [])
     assert tampered.read_bytes() == (original / tampered.name).read_bytes()
+    assert not list(got.glob(".*")), "stale .part files are cleaned up"
 
 
 def test_download_connection_refused_is_a_failure_not_a_crash(tmp_path, port):

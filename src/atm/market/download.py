@@ -202,6 +202,8 @@ def fetch_one(t: Target, retries: int = 4, backoff: float = 0.5, timeout: float 
         raise _Failed("zip exists upstream but its .CHECKSUM is missing; cannot verify, not kept") from None
     expected = _expected_sha(ck_text, t.checksum_url)
     t.path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in t.path.parent.glob(f".{t.path.name}.*.part"):  # left by an interrupted earlier run
+        stale.unlink(missing_ok=True)
     part = t.path.with_name(f".{t.path.name}.{os.getpid()}.part")
     try:
         for attempt in range(2):  # a mismatch may be in-flight corruption: fetch once more
