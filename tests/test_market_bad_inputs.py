@@ -137,3 +137,7 @@ def test_cli_prints_the_corpus_error_without_traceback(cli, tmp_path):
     proc = cli("data", "build", "--raw", str(CORPUS / "gaps"), "--symbol", "BADUSDT",
                "--out", str(tmp_path / "g.parquet"))
     assert "gaps: 2 (7 missing bars; longest 5 after 2024-05-01 00:29:00 UTC); not filled" in proc.stdout
+    proc = cli("data", "build", "--raw", str(CORPUS / "gaps"), "--symbol", "BADUSDT",
+               "--out", str(tmp_path / "f.parquet"), "--fill-gaps")
+    assert "40 rows" in proc.stdout and "; filled" in proc.stdout and "repairs: gaps_filled 7" in proc.stdout
+    assert "gaps: 0, filled bars: 7" in cli("data", "info", str(tmp_path / "f.parquet")).stdout

@@ -78,14 +78,19 @@ def test_raw_may_be_the_folder_of_zips_or_one_file(sample_raw, tmp_path):
     assert not (tmp_path / "c.parquet").exists()
 
 
-def test_fast_parser_matches_line_scan(sample_raw):
-    for path in sorted(layout_dir(sample_raw, "BTCUSDT").glob("*.zip"))[:3]:
-        _, data, _ = K._read_source(path)
-        fast, slow = K._parse_fast(data), K._parse_scan(data, str(path))
+def test_fast_parsers_match_line_scan(sample_raw):
+    datas = [K._read_source(p)[1] for p in sorted(layout_dir(sample_raw, "BTCUSDT").glob("*.zip"))[:3]]
+    datas.append(b"open_time,x\n" + datas[0])  # a header, as futures files have
+    many = K._parse_many(datas)
+    assert many is not None and [m.header for m in many] == [False, False, False, True]
+    for data, joint in zip(datas, many):
+        fast, slow = K._parse_fast(data), K._parse_scan(data, "x.csv")
         assert fast is not None
-        np.testing.assert_array_equal(fast.lines, slow.lines)
-        for c in fast.cols:
-            np.testing.assert_array_equal(fast.cols[c], slow.cols[c])
+        for parsed in (fast, joint):
+            np.testing.assert_array_equal(parsed.lines, slow.lines)
+            for c in slow.cols:
+                np.testing.assert_array_equal(parsed.cols[c], slow.cols[c])
+    assert K._parse_many(datas + [b"1,2\n"]) is None  # any fault anywhere: file by file instead
 
 
 def test_range_crossing_2025_mixes_ms_and_us(tmp_path):
