@@ -478,6 +478,7 @@ def walk_forward_eval(dataset_dir: str | Path, cfg: ClassicConfig, k: int, *, em
             "train_period": [str(times.iloc[tr[0]]), str(times.iloc[tr[-1]])],
             "test_period": [str(times.iloc[te[0]]), str(times.iloc[te[-1]])],
             "gap_minutes": int((times.iloc[te[0]] - times.iloc[tr[-1]]).total_seconds() // 60) - 1,
+            "fit_period": model.record["train"]["fit_period"], "val_period": model.record["train"]["val_period"],
             "thresholds": model.thresholds, "class_weights": model.record["class_weight"]["weights"],
             "backtest": bt["model"].metrics, "buy_and_hold": bt["buy-and-hold"].metrics["total_return"],
             "seconds": round(time.monotonic() - t0, 2)})
