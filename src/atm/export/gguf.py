@@ -13,6 +13,7 @@ library logs to the process's stderr and a crash there must not take ATM down).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -55,6 +56,10 @@ STRIP_TEMPLATE_TAGS = ("{% generation %}", "{% endgeneration %}", "{%- generatio
 
 class QuantFallbackWarning(UserWarning):
     """Some tensors could not take the requested type (their dimensions) and got another."""
+
+
+class TokenizerMismatchWarning(UserWarning):
+    """llama.cpp's tokenizer of the GGUF does not reproduce the HF tokenizer on sample prompts."""
 
 
 def parse_quants(quants: str | Iterable[str]) -> list[Quant]:
@@ -236,6 +241,126 @@ def convert_hf_to_gguf(model_dir: str | Path, out: str | Path, outtype: str = "f
     return out
 
 
+@contextlib.contextmanager
+def quiet_stderr():
+    """Silence C-level writes to fd 2 (llama.cpp logs) for the duration of the block."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            try:
+                yield
+            finally:
+                os.dup2(saved, 2)
+    finally:
+        os.close(saved)
+
+
+def fix_bpe_scores(gguf_path: str | Path, model_dir: str | Path) -> dict[str, Any] | None:
+    """Give a converted Llama-vocab GGUF the merge ranks of its HF BPE tokenizer as token scores.
+
+    Why: for a ``tokenizers`` BPE with byte fallback (the tiny base, and HF-only Llama-family
+    tokenizers without a ``tokenizer.model``), llama.cpp's converter writes the vocab as
+    SentencePiece ("llama") with every score -1000. llama.cpp's SPM tokenizer merges the adjacent
+    pair whose result scores highest, so with equal scores it merges left to right and tokenizes
+    differently from the model's training tokenizer (0 of 50 prompts agreed here). Scoring each
+    token by minus the rank of the merge that created it makes SPM merge in BPE order (50 of 50).
+    Edits the file in place (it is a staged temp file); returns what was done, or None when the
+    file does not need it.
+    """
+    tj_path = Path(model_dir) / "tokenizer.json"
+    if not tj_path.is_file():
+        return None
+    tj = _read_json(tj_path)
+    model = tj.get("model") or {}
+    if model.get("type") != "BPE" or not model.get("byte_fallback"):
+        return None
+    gguf = llamacpp.import_gguf()
+    import numpy as np
+
+    reader = gguf.GGUFReader(str(gguf_path), "r+")
+    kind = reader.fields.get("tokenizer.ggml.model")
+    scores_field = reader.fields.get("tokenizer.ggml.scores")
+    tokens_field = reader.fields.get("tokenizer.ggml.tokens")
+    if kind is None or kind.contents() != "llama" or scores_field is None or tokens_field is None:
+        return None
+    current = np.array([scores_field.parts[i][0] for i in scores_field.data], dtype=np.float32)
+    if len(current) and current.min() != current.max():
+        return None  # real scores (a sentencepiece model): leave them
+    token_ids = {t: i for i, t in enumerate(tokens_field.contents())}
+    new = np.zeros(len(current), dtype=np.float32)
+    n_set = 0
+    for rank, merge in enumerate(model.get("merges") or []):
+        a, b = merge if isinstance(merge, (list, tuple)) else merge.split(" ", 1)
+        tid = token_ids.get(a + b)
+        if tid is not None and new[tid] == 0:
+            new[tid] = -float(rank + 1)
+            n_set += 1
+    for i, idx in enumerate(scores_field.data):
+        scores_field.parts[idx][0] = new[i]
+    reader.data.flush()
+    del reader
+    return {"scores_from_merges": n_set, "vocab": len(current)}
+
+
+def tokenization_check(model_dir: str | Path, gguf_path: str | Path, texts: Sequence[str]) -> dict[str, Any]:
+    """Compare the HF tokenizer (``tokenizer.json``) with llama.cpp's tokenizer of the GGUF on
+    ``texts`` (rendered prompts, special tokens parsed): the share tokenized identically."""
+    from atm.errors import require
+
+    tokenizers = require("tokenizers", "train")
+    llama_cpp = require("llama_cpp", "export", "llama-cpp-python")
+    hf = tokenizers.Tokenizer.from_file(str(Path(model_dir) / "tokenizer.json"))
+    with quiet_stderr():  # a vocab-only load still logs a context warning from C
+        llm = llama_cpp.Llama(model_path=str(gguf_path), vocab_only=True, verbose=False)
+    try:
+        same = 0
+        first = None
+        for t in texts:
+            a = hf.encode(t, add_special_tokens=False).ids
+            b = llm.tokenize(t.encode(), add_bos=True, special=True)
+            if a == b:
+                same += 1
+            elif first is None:
+                k = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+                first = {"text": t[:200], "at_token": k, "hf": a[k:k + 8], "gguf": b[k:k + 8]}
+    finally:
+        if hasattr(llm, "close"):
+            llm.close()
+        del llm
+    return {"n": len(texts), "match_rate": same / len(texts) if texts else None, "first_mismatch": first}
+
+
+def sample_prompt_texts(model_dir: Path, meta: dict[str, Any], n: int = 50) -> list[str]:
+    """Rendered prompts to check tokenization on: verify prompts of the recorded dataset, else the
+    template rendered on a synthetic context, else a few fixed strings."""
+    from atm.export.modelfile import _render_jinja
+
+    template = hf_chat_template(model_dir)
+    tc = _read_json(model_dir / "tokenizer_config.json") if (model_dir / "tokenizer_config.json").is_file() else {}
+    bos, eos = _token_text(tc.get("bos_token")) or "", _token_text(tc.get("eos_token")) or ""
+    convs: list[list[dict[str, str]]] = []
+    try:
+        from atm.export.check import dataset_dir_of, load_verify_prompts
+
+        data_dir = dataset_dir_of(meta)
+        if data_dir is not None:
+            convs = [p["messages"] for p in load_verify_prompts(data_dir, n)]
+    except AtmError:
+        convs = []
+    if not convs and meta.get("template"):
+        from atm.prompting.template import Template
+
+        tpl = Template.from_yaml(meta["template"])
+        convs = [tpl.render(f'[{{"open_change": "{i - 25}.{i:08d}", "volume": "{i * 3.7:.8f}"}}]') for i in range(n)]
+    if not convs:
+        convs = [[{"role": "user", "content": f"Price {i * 17.25:.8f} and volume {i}; advise."}] for i in range(n)]
+    if not template:
+        return ["\n".join(m["content"] for m in c) for c in convs]
+    return [_render_jinja(clean_chat_template(template), c, True, bos, eos) for c in convs]
+
+
 # ---------------------------------------------------------------------------------------------
 # quantization
 
@@ -268,9 +393,12 @@ def quantize(src: str | Path, dst: str | Path, quant: Quant | str, threads: int 
             engine = str(binary)
             cmd = [str(binary), str(src), str(tmp), q.gguf_name, str(threads)]
         else:
-            from atm.errors import require
+            import importlib.util
 
-            require("llama_cpp", "export", "llama-cpp-python")
+            if importlib.util.find_spec("llama_cpp") is None:  # no import: it is used in a subprocess
+                from atm.errors import require
+
+                require("llama_cpp", "export", "llama-cpp-python")
             engine = "llama_cpp.llama_model_quantize"
             cmd = [sys.executable, "-c", _PY_QUANTIZE, str(src), str(tmp), str(q.ftype), str(threads)]
         proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -279,6 +407,7 @@ def quantize(src: str | Path, dst: str | Path, quant: Quant | str, threads: int 
             raise AtmError(f"quantizing {src.name} to {q.gguf_name} failed ({engine}, exit "
                            f"{proc.returncode}); no file was written. Last lines:\n{_tail(log)}")
         inspect_gguf(tmp)
+        _readable(tmp)
         os.replace(tmp, dst)
     finally:
         tmp.unlink(missing_ok=True)
@@ -313,7 +442,7 @@ def _schema_of(meta: dict[str, Any]) -> dict[str, Any] | None:
 
 def export_gguf(model_dir: str | Path, name: str = "atm", quants: Sequence[str] | str = ("q8_0", "q4_k_m"),
                 home: str | Path | None = None, threads: int | None = None,
-                quantize_tool: str | None = "auto") -> list[Entry]:
+                quantize_tool: str | None = "auto", check_tokenizer: bool = True) -> list[Entry]:
     """Convert ``model_dir`` to F16 GGUF, quantize, and register ``name:f16`` + one tag per quant.
 
     Returns the entries (f16 first). Tensors that llama.cpp had to give a fallback type (their
@@ -342,6 +471,7 @@ def export_gguf(model_dir: str | Path, name: str = "atm", quants: Sequence[str] 
             t0 = time.time()
             bar.set_postfix_str("convert F16")
             f16 = convert_hf_to_gguf(model_dir, stage / "f16.gguf", "f16")
+            vocab_fix = fix_bpe_scores(f16, model_dir)
             timings["convert_f16_s"] = round(time.time() - t0, 3)
             bar.update(1)
             files: list[tuple[Quant, Path, dict[str, Any]]] = [(QUANTS["f16"], f16, {"engine": "convert_hf_to_gguf.py"})]
@@ -356,6 +486,15 @@ def export_gguf(model_dir: str | Path, name: str = "atm", quants: Sequence[str] 
             bar.close()
 
         infos = {q.name: inspect_gguf(p) for q, p, _ in files}
+        tok_check = None
+        if check_tokenizer and (model_dir / "tokenizer.json").is_file():
+            tok_check = tokenization_check(model_dir, f16, sample_prompt_texts(model_dir, meta))
+            tok_check["vocab_fix"] = vocab_fix
+            if tok_check["match_rate"] is not None and tok_check["match_rate"] < 1.0:
+                warnings.warn(f"{name}: llama.cpp tokenizes {1 - tok_check['match_rate']:.0%} of "
+                              f"{tok_check['n']} sample prompts differently from the HF tokenizer "
+                              f"(first difference: {tok_check['first_mismatch']}); served answers may "
+                              "differ from the HF model's", TokenizerMismatchWarning, stacklevel=2)
         gguf_template = infos["f16"]["chat_template"]
         if hf_template and not gguf_template:
             raise AtmError(f"{model_dir}: the chat template did not travel into the GGUF "
@@ -385,7 +524,7 @@ def export_gguf(model_dir: str | Path, name: str = "atm", quants: Sequence[str] 
                 bos_token=_token_text(tok_conf.get("bos_token")),
                 add_bos_token=info.get("add_bos_token"),
                 source=source, llamacpp=versions, tensor_types=info["tensor_types"],
-                fallbacks=fallbacks, created=created,
+                fallbacks=fallbacks, tokenizer_check=tok_check, created=created,
                 provenance=provenance({"model_dir": str(model_dir), "name": name,
                                        "quants": [x.name for x in qlist]},
                                       engine=qinfo.get("engine"), timings=timings)))
@@ -394,7 +533,15 @@ def export_gguf(model_dir: str | Path, name: str = "atm", quants: Sequence[str] 
         for (q, p, _), e in zip(files, entries):
             os.replace(p, e.path)
             reg.add(e)
+            _readable(reg.manifest_path(e.name, e.tag))
     return entries
+
+
+def _readable(path: Path) -> None:
+    """Temp files are created 0600; give the final file the usual umask-based mode."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 def _token_text(tok: Any) -> str | None:
@@ -417,6 +564,7 @@ def copy_into_registry(gguf_path: str | Path, name: str, tag: str, home: str | P
     os.close(fd)
     try:
         shutil.copyfile(src, tmp)
+        _readable(Path(tmp))
         os.replace(tmp, dst)
     finally:
         Path(tmp).unlink(missing_ok=True)

@@ -64,6 +64,7 @@ class Entry:
     llamacpp: dict[str, Any] = field(default_factory=dict)  # llama-cpp-python / llama.cpp / ggml versions
     tensor_types: dict[str, int] = field(default_factory=dict)  # GGML type -> number of tensors
     fallbacks: list[dict[str, Any]] = field(default_factory=list)  # tensors quantized to a fallback type
+    tokenizer_check: dict[str, Any] | None = None  # HF vs llama.cpp tokenization of sample prompts
     fidelity: dict[str, Any] | None = None  # figures from `atm export check`
     created: str = ""
     provenance: dict[str, Any] = field(default_factory=dict)
