@@ -41,7 +41,17 @@ def read_dataset_meta(dataset_dir: str | Path) -> dict[str, Any]:
 
 
 def label_config(meta: dict[str, Any]) -> dict[str, Any]:
-    """The label config recorded in ``dataset.json`` (as a dict for ``LabelConfig``)."""
+    """The label config recorded in ``dataset.json`` (as a dict for ``LabelConfig``, unknown keys dropped)."""
+    raw = _label_config_raw(meta)
+    try:
+        from atm.market.labels import LabelConfig
+
+        return {k: v for k, v in raw.items() if k in LabelConfig.model_fields}
+    except ImportError:  # pragma: no cover
+        return raw
+
+
+def _label_config_raw(meta: dict[str, Any]) -> dict[str, Any]:
     for key in ("label_config", "label"):
         v = meta.get(key)
         if isinstance(v, dict):

@@ -36,7 +36,7 @@ from atm.eval.providers import ADVICES, Prediction, Provider, get_provider, pars
 from atm.utils import provenance, repo_root, sha256_file, sha256_text, write_json_atomic
 
 # Columns a model may never see (the answer and what it earns).
-HIDDEN_COLUMNS = ("label", "ret_BUY", "ret_NOOP", "ret_SELL", "change", "true_change")
+HIDDEN_COLUMNS = ("label", "answer", "ret_BUY", "ret_NOOP", "ret_SELL", "change", "true_change")
 TRUTH_COLUMNS = ("id", "row", "open_time", "symbol", "label", "ret_BUY", "ret_NOOP", "ret_SELL",
                  "change", "true_change")
 DEFAULT_SUITE = "default.yaml"
@@ -383,7 +383,7 @@ def run_eval(models: Sequence[str], suite: SuiteConfig, out: str | Path, *, data
         manifest = {"format": 1, "suite": suite.to_dict(), "data": data_info, "models": {},
                     "dataset_config": dataset_meta.get("config", {}),
                     "label_config": _label_cfg(dataset_meta),
-                    "template_sha256": sha256_text(dataset_meta["template"]) if isinstance(dataset_meta.get("template"), str) else None,
+                    "template_sha256": (dataset_meta.get("template") or {}).get("sha256"),
                     "provenance": provenance(suite)}
     manifest["last_command"] = provenance(None)["command"]
     truth_cols = [c for c in TRUTH_COLUMNS if c in df.columns]

@@ -360,6 +360,8 @@ def build_doc(metrics: dict[str, Any], run_dir: Path, bt: dict[str, Any] | None,
                 f"direction accuracy {_f(ch.get('direction_accuracy'))}.")
         elif ch.get("note"):
             d.p(f"Predicted change: {ch['note']}.")
+        else:
+            d.p("Predicted change: none given by this model (class-only answers or loglik mode); MAE not computed.")
     try:
         d.h(2, "Confusion matrices")
         d.img(fig_confusions(models), "confusion matrices (rows: true class, normalized per row)", "confusion.png")

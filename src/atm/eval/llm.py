@@ -1,0 +1,713 @@
+"""LLM providers: ``atm:TAG`` (llama.cpp), ``openai:MODEL@URL``, ``ollama:NAME``, ``hf:PATH``.
+
+Every provider sends the item's prompt messages as they are in the dataset (shared prefix first:
+system, instruction, k-shot pairs; then the minute's context), so the engine's prefix cache reuses
+the shared part across items, and every answer goes through the one strict parser
+(``atm.prompting.advice.parse_advice``): no regex rescue of free text.
+
+Modes:
+- ``generate``: constrained decoding to ``prompts/advice.schema.json`` in each engine (llama.cpp:
+  a ``LlamaGrammar`` built once from the schema, since llama-cpp-python silently ignores
+  ``response_format={"type": "json_schema"}``; OpenAI-compatible: ``response_format`` json_schema;
+  Ollama: ``format`` = the schema; transformers: unconstrained greedy, parsed strictly).
+- ``loglik``: the log-probability of each advice option after the prompt (and the answer text that
+  precedes the advice value), normalized over BUY/NOOP/SELL -> class probabilities. The shipped answer
+  format writes ``predicted_open_change`` BEFORE ``advice``, so the change is decoded greedily
+  first (grammar-constrained) and the three options are then scored on that shared prefix; with an
+  advice-first format no decoding happens at all. OpenAI-compatible servers give probabilities only
+  through ``logprobs``/``top_logprobs`` of a generated answer (approximation: the top-k alternatives
+  at the advice token); servers that return no logprobs fall back to generate (noted in the report).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import subprocess
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+from atm.errors import AtmError, require
+from atm.eval.providers import ADVICES, Prediction, Provider
+
+RAW_KEEP = 4000  # characters of a raw answer kept in the results file (a rambling model can't bloat it)
+
+
+class Transient(Exception):
+    """A failure worth retrying (timeout, connection drop, 5xx, 429)."""
+
+
+def _gen(options: dict[str, Any]) -> dict[str, Any]:
+    from atm.eval.harness import GenerationSpec
+
+    g = options.get("generation") or {}
+    return GenerationSpec(**g).to_dict() if not isinstance(g, GenerationSpec) else g.to_dict()
+
+
+def _schema() -> dict[str, Any]:
+    from atm.prompting.advice import load_schema
+
+    return load_schema()
+
+
+def parsed_prediction(item_id: str, raw: str | None, latency: float, **extra: Any) -> Prediction:
+    """The one path from raw text to a Prediction: the strict shared parser, never a regex."""
+    from atm.prompting.advice import parse_advice
+
+    p = parse_advice(raw)
+    reason = None if p.valid else (f"{p.reason}: {p.detail}" if p.detail else p.reason)
+    kept = raw if raw is None or len(raw) <= RAW_KEEP else raw[:RAW_KEEP]
+    if raw is not None and len(raw) > RAW_KEEP:
+        extra["raw_chars"] = len(raw)
+    return Prediction(id=item_id, raw=kept, advice=p.advice, predicted_change=p.predicted_change,
+                      valid=p.valid, reason=reason, latency=latency, extra=extra)
+
+
+def answer_pieces(template_answer: str) -> dict[str, Any]:
+    """Split the answer format into the text before/between/after the change and advice values."""
+    s = template_answer.format(change="\x00C\x00", advice="\x00A\x00")
+    ic, ia = s.index("\x00C\x00"), s.index("\x00A\x00")
+    if ia < ic:
+        return {"advice_first": True, "before_advice": s[:ia], "after_advice": s[ia + 3:ic].split("\x00")[0]}
+    return {"advice_first": False, "before_change": s[:ic], "between": s[ic + 3:ia],
+            "after_advice": s[ia + 3:]}
+
+
+def _template_answer_format(options: dict[str, Any], entry_template: str | None = None) -> str:
+    """The answer format (``'{{"predicted_open_change": "{change}", "advice": "{advice}"}}'``)."""
+    import yaml
+
+    for text in (entry_template, ((options.get("dataset_meta") or {}).get("template") or {}).get("yaml")):
+        if text:
+            data = yaml.safe_load(text) or {}
+            if data.get("answer"):
+                return data["answer"]
+    return '{{"predicted_open_change": "{change}", "advice": "{advice}"}}'
+
+
+def _softmax(lp: dict[str, float]) -> dict[str, float]:
+    m = max(lp.values())
+    ex = {k: math.exp(v - m) for k, v in lp.items()}
+    z = sum(ex.values())
+    return {k: v / z for k, v in ex.items()}
+
+
+def _change_pattern(schema: dict[str, Any]) -> str:
+    pat = schema["properties"]["predicted_open_change"]["pattern"]
+    return pat.strip("^$")
+
+
+def grammars(llama_cpp: Any, schema: dict[str, Any]) -> tuple[Any, Any]:
+    """Grammars built once: the whole answer, and the predicted change's digits alone (loglik).
+
+    The answer grammar admits one leading space: sentencepiece-style vocabularies (the tiny model's)
+    start the trained answer with the word-start token ' {"', which the stock schema grammar (it must
+    begin with '{') forbids, pushing the model off its own distribution at the first token. The
+    strict parser strips surrounding whitespace, so the answer is unchanged.
+    """
+    from llama_cpp.llama_grammar import json_schema_to_gbnf
+
+    g = json_schema_to_gbnf(json.dumps(schema))
+    lines = [("root0 ::=" + ln[len("root ::="):]) if ln.startswith("root ::=") else ln for ln in g.splitlines()]
+    answer = llama_cpp.LlamaGrammar.from_string("\n".join([*lines, 'root ::= " "? root0']), verbose=False)
+    pat = _change_pattern(schema)
+    cg = json_schema_to_gbnf(json.dumps({"type": "string", "pattern": "^" + pat + "$"}))
+    out = []
+    for ln in cg.splitlines():
+        if ln.startswith("root ::="):
+            body = ln[len("root ::="):].strip()
+            assert body.startswith('"\\""'), body  # the opening quote is already in the prompt
+            body = body[len('"\\""'):]
+            body = body.rsplit('"\\""', 1)[0] + '"\\""'  # digits, then the closing quote (a stop string)
+            ln = "root ::= " + body
+        out.append(ln)
+    change = llama_cpp.LlamaGrammar.from_string("\n".join(out), verbose=False)
+    return answer, change
+
+
+class _Retrying(Provider):
+    """Shared machinery: per-item retries with backoff, thread-pool concurrency, strict parsing."""
+
+    def __init__(self, spec: str, arg: str, **options: Any):
+        super().__init__(spec, arg, **options)
+        self.gen = _gen(options)
+        self.concurrency = max(1, int(options.get("concurrency") or 1))
+        self.batch_size = max(8, 4 * self.concurrency)
+        self._note_lock = threading.Lock()
+
+    def _attempt(self, item: dict, mode: str) -> Prediction:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def _one(self, item: dict, mode: str) -> Prediction:
+        delay = float(self.gen["backoff"])
+        last = ""
+        t0 = time.perf_counter()
+        for attempt in range(int(self.gen["retries"]) + 1):
+            try:
+                pred = self._attempt(item, mode)
+                pred.extra["attempts"] = attempt + 1
+                return pred
+            except Transient as exc:
+                last = str(exc)
+                if attempt < int(self.gen["retries"]):
+                    time.sleep(delay)
+                    delay *= 2
+            except AtmError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - a non-transient request error: record it
+                return Prediction(id=item["id"], valid=False, reason=f"request failed: {type(exc).__name__}: {exc}"[:500],
+                                  latency=time.perf_counter() - t0, extra={"failed": True, "attempts": attempt + 1})
+        return Prediction(id=item["id"], valid=False, reason=f"request failed: {last}"[:500],
+                          latency=time.perf_counter() - t0,
+                          extra={"failed": True, "attempts": int(self.gen["retries"]) + 1})
+
+    def predict_iter(self, items: Sequence[dict], mode: str = "generate") -> Iterator[Prediction]:
+        if self.concurrency == 1:
+            for it in items:
+                yield self._one(it, mode)
+            return
+        with ThreadPoolExecutor(self.concurrency) as pool:
+            futs = [pool.submit(self._one, it, mode) for it in items]
+            for f in as_completed(futs):
+                yield f.result()
+
+    def predict(self, items: Sequence[dict], mode: str = "generate") -> list[Prediction]:
+        return list(self.predict_iter(items, mode))
+
+    def _note(self, text: str) -> None:
+        with self._note_lock:
+            if self.mode_note is None:
+                self.mode_note = text
+            elif text not in self.mode_note:
+                self.mode_note += "; " + text
+
+
+def _messages(item: dict) -> list[dict[str, str]]:
+    msgs = item.get("prompt")
+    if not msgs:
+        raise AtmError(f"item {item.get('id')}: no prompt messages in the items view")
+    return [{"role": m["role"], "content": m["content"]} for m in msgs]
+
+
+# ---------------------------------------------------------------------------------- openai
+def split_openai(arg: str) -> tuple[str, str]:
+    model, sep, url = arg.partition("@")
+    if not model:
+        raise AtmError(f"openai:{arg}: expected openai:MODEL@BASE_URL, e.g. openai:atm@http://127.0.0.1:8000/v1")
+    if not sep:
+        url = os.environ.get("OPENAI_BASE_URL", "http://127.0.0.1:8000/v1")
+    return model, url
+
+
+class OpenAIProvider(_Retrying):
+    """``openai:MODEL@BASE_URL``: any OpenAI-compatible server (ATM's, llama-server, vLLM)."""
+
+    supports_loglik = True  # through logprobs when the server returns them; else falls back
+
+    def __init__(self, spec: str, arg: str, **options: Any):
+        super().__init__(spec, arg, **options)
+        openai = require("openai", "eval")
+        self.model, self.base_url = split_openai(arg)
+        self.client = openai.OpenAI(base_url=self.base_url, api_key=os.environ.get("OPENAI_API_KEY", "none"),
+                                    max_retries=0, timeout=float(self.gen["timeout"]))
+        self._openai = openai
+        self.schema = _schema()
+        self._no_logprobs = False
+        self._pieces = answer_pieces(_template_answer_format(options))
+
+    def _attempt(self, item: dict, mode: str) -> Prediction:
+        o = self._openai
+        kw: dict[str, Any] = {}
+        want_lp = mode == "loglik" and not self._no_logprobs
+        if want_lp:
+            kw.update(logprobs=True, top_logprobs=10)
+        t0 = time.perf_counter()
+        try:
+            resp = self.client.chat.completions.create(
+                model=self.model, messages=_messages(item), temperature=float(self.gen["temperature"]),
+                max_tokens=int(self.gen["max_tokens"]), seed=0,
+                response_format={"type": "json_schema",
+                                 "json_schema": {"name": "advice", "schema": self.schema, "strict": True}}, **kw)
+        except (o.APITimeoutError, o.APIConnectionError, o.RateLimitError, o.InternalServerError) as exc:
+            raise Transient(f"{type(exc).__name__}: {exc}") from None
+        except o.APIStatusError as exc:
+            if exc.status_code >= 500 or exc.status_code == 429:
+                raise Transient(f"HTTP {exc.status_code}: {exc}") from None
+            raise
+        lat = time.perf_counter() - t0
+        if not resp.choices:
+            raise Transient("response without choices")
+        ch = resp.choices[0]
+        raw = ch.message.content
+        extra: dict[str, Any] = {}
+        if ch.finish_reason:
+            extra["finish_reason"] = ch.finish_reason
+        pred = parsed_prediction(item["id"], raw, lat, **extra)
+        if want_lp:
+            lp = getattr(ch, "logprobs", None)
+            content = getattr(lp, "content", None) if lp is not None else None
+            if not content:
+                self._no_logprobs = True
+                self._note(f"{self.base_url} returned no logprobs: fell back to generate (no class probabilities)")
+            elif pred.valid:
+                probs = self._probs_from_logprobs(raw or "", content)
+                if probs:
+                    pred.probs = probs
+                    pred.extra["probs_from"] = "top_logprobs at the advice token"
+        return pred
+
+    def _probs_from_logprobs(self, raw: str, content: list) -> dict[str, float] | None:
+        """Probabilities of the advice options from the top alternatives at the advice value's first token."""
+        key = '"advice"'
+        k = raw.find(key)
+        if k < 0:
+            return None
+        q = raw.find('"', k + len(key))
+        if q < 0:
+            return None
+        start = q + 1  # offset of the advice value
+        pos = 0
+        for tok in content:
+            t = tok.token
+            if pos <= start < pos + len(t) or (pos == start and t):
+                head = raw[pos:start]  # part of this token before the value
+                mass: dict[str, float] = {a: 0.0 for a in ADVICES}
+                alts = list(getattr(tok, "top_logprobs", None) or []) or [tok]
+                seen = set()
+                for alt in alts:
+                    if alt.token in seen:
+                        continue
+                    seen.add(alt.token)
+                    if not alt.token.startswith(head):
+                        continue
+                    rest = alt.token[len(head):]
+                    for a in ADVICES:
+                        if rest and (a.startswith(rest) or rest.startswith(a)):
+                            mass[a] += math.exp(alt.logprob)
+                            break
+                z = sum(mass.values())
+                if z <= 0:
+                    return None
+                return {a: v / z for a, v in mass.items()}
+            pos += len(t)
+        return None
+
+    def describe(self) -> dict[str, Any]:
+        return {"spec": self.spec, "model": self.model, "base_url": self.base_url,
+                "openai": getattr(self._openai, "__version__", None), "concurrency": self.concurrency,
+                "constraint": "response_format json_schema (prompts/advice.schema.json)"}
+
+
+# ---------------------------------------------------------------------------------- ollama
+class OllamaProvider(_Retrying):
+    """``ollama:NAME``: an Ollama(-compatible) server at ``$OLLAMA_HOST`` via the ``ollama`` client."""
+
+    supports_loglik = False
+
+    def __init__(self, spec: str, arg: str, **options: Any):
+        super().__init__(spec, arg, **options)
+        ollama = require("ollama", "eval")
+        if not arg:
+            raise AtmError("ollama:NAME needs a model name, e.g. ollama:atm:q8")
+        self.name = arg
+        self.host = os.environ.get("OLLAMA_HOST", "http://127.0.0.1:11434")
+        self.client = ollama.Client(host=self.host, timeout=float(self.gen["timeout"]))
+        self._ollama = ollama
+        self.schema = _schema()
+
+    def _attempt(self, item: dict, mode: str) -> Prediction:
+        import httpx
+
+        t0 = time.perf_counter()
+        try:
+            resp = self.client.chat(model=self.name, messages=_messages(item), format=self.schema, stream=False,
+                                    options={"temperature": float(self.gen["temperature"]),
+                                             "num_predict": int(self.gen["max_tokens"]), "seed": 0})
+        except self._ollama.ResponseError as exc:
+            if exc.status_code >= 500 or exc.status_code == 429:
+                raise Transient(f"HTTP {exc.status_code}: {exc.error}") from None
+            raise
+        except (httpx.TimeoutException, httpx.TransportError, ConnectionError) as exc:
+            raise Transient(f"{type(exc).__name__}: {exc}") from None
+        lat = time.perf_counter() - t0
+        return parsed_prediction(item["id"], resp.message.content, lat)
+
+    def describe(self) -> dict[str, Any]:
+        return {"spec": self.spec, "host": self.host, "model": self.name, "concurrency": self.concurrency,
+                "constraint": "format = prompts/advice.schema.json"}
+
+
+# ---------------------------------------------------------------------------------- atm (llama.cpp)
+class AtmProvider(_Retrying):
+    """``atm:TAG`` (a registry name): llama.cpp in process, or a ``llama-server`` for --concurrency > 1."""
+
+    supports_loglik = True
+
+    def __init__(self, spec: str, arg: str, **options: Any):
+        super().__init__(spec, arg, **options)
+        from atm.export.registry import Registry
+
+        ref = arg if ":" in arg else spec  # registry refs are name:tag: atm:q8, or mymodel:q4 as given
+        self.entry = Registry().resolve(ref)
+        self.schema = self.entry.schema or _schema()
+        self._pieces = answer_pieces(_template_answer_format(options, self.entry.template))
+        self.template_check = self._check_template(options)
+        if self.template_check.get("mismatch"):
+            self._note("the model's prompt template differs from the one the items were rendered with "
+                       f"({self.template_check['mismatch']}): the original experiment's failure mode")
+        self._server: subprocess.Popen | None = None
+        self._delegate: OpenAIProvider | None = None
+        self._llm = None
+        self._grammar = None
+        self._change_grammar = None
+        self._lock = threading.Lock()
+        if self.concurrency > 1:
+            self._start_server(options)
+        else:
+            self.batch_size = 16
+
+    # ------------------------------------------------------------ checks
+    def _check_template(self, options: dict[str, Any]) -> dict[str, Any]:
+        import yaml
+
+        ds = ((options.get("dataset_meta") or {}).get("template") or {}).get("yaml")
+        if not ds or not self.entry.template:
+            return {"checked": False}
+        a, b = yaml.safe_load(self.entry.template) or {}, yaml.safe_load(ds) or {}
+        diff = [k for k in ("system", "instruction", "input", "answer") if (a.get(k) or "") != (b.get(k) or "")]
+        return {"checked": True, "mismatch": ", ".join(diff) if diff else None}
+
+    # ------------------------------------------------------------ engines
+    def _start_server(self, options: dict[str, Any]) -> None:
+        from atm.export.llamacpp import find_tool
+
+        binary = find_tool("llama-server")
+        if binary is None:
+            self._note("llama-server not found (build it with `atm doctor --build`): ran in process, one request at a time")
+            self.concurrency = 1
+            self.batch_size = 16
+            return
+        import socket
+        import urllib.request
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        n_ctx = int(self.gen["n_ctx"])
+        cmd = [str(binary), "-m", str(self.entry.path), "--host", "127.0.0.1", "--port", str(port),
+               "-np", str(self.concurrency), "-c", str(n_ctx * self.concurrency), "--jinja", "--no-webui",
+               "-a", self.entry.ref, "--log-colors", "off"]
+        if self.gen.get("threads"):
+            cmd += ["-t", str(self.gen["threads"])]
+        log_dir = Path(os.environ.get("TMPDIR", "/tmp")) / "atm-eval-logs"
+        log_dir.mkdir(parents=True, exist_ok=True)
+        self._log_path = log_dir / f"llama-server-{port}.log"
+        log = open(self._log_path, "ab")
+        self._server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                        start_new_session=True)
+        log.close()
+        deadline = time.monotonic() + 180
+        url = f"http://127.0.0.1:{port}/health"
+        while time.monotonic() < deadline:
+            if self._server.poll() is not None:
+                tail = self._log_path.read_text(errors="replace")[-2000:]
+                raise AtmError(f"llama-server exited ({self._server.returncode}) while starting:\n{tail}")
+            try:
+                with urllib.request.urlopen(url, timeout=2) as r:  # noqa: S310 - 127.0.0.1 only
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            time.sleep(0.2)
+        else:
+            self.close()
+            raise AtmError(f"llama-server did not become healthy in 180 s (log: {self._log_path})")
+        opts = dict(self.options)
+        self._delegate = OpenAIProvider(f"openai:{self.entry.ref}@http://127.0.0.1:{port}/v1",
+                                        f"{self.entry.ref}@http://127.0.0.1:{port}/v1", **opts)
+        self.batch_size = self._delegate.batch_size
+
+    def _load(self):
+        if self._llm is None:
+            llama_cpp = require("llama_cpp", "eval", "llama-cpp-python")
+            # OMP_NUM_THREADS caps threads too: on a loaded 2-core box 2 threads ran ~8x slower than 1
+            threads = self.gen.get("threads") or int(os.environ.get("OMP_NUM_THREADS") or 0) or os.cpu_count() or 1
+            self._llm = llama_cpp.Llama(model_path=str(self.entry.path), n_ctx=int(self.gen["n_ctx"]),
+                                        n_threads=threads, n_threads_batch=threads, n_batch=512,
+                                        seed=0, verbose=False)
+            self._grammar, self._change_grammar = grammars(llama_cpp, self.schema)
+            self._llama_cpp = llama_cpp
+        return self._llm
+
+    # ------------------------------------------------------------ generate / loglik in process
+    def _attempt(self, item: dict, mode: str) -> Prediction:
+        llm = self._load()
+        msgs = _messages(item)
+        with self._lock:
+            t0 = time.perf_counter()
+            if mode == "loglik":
+                return self._loglik(item["id"], msgs, t0)
+            out = llm.create_chat_completion(messages=msgs, grammar=self._grammar,
+                                             temperature=float(self.gen["temperature"]),
+                                             max_tokens=int(self.gen["max_tokens"]), seed=0)
+            lat = time.perf_counter() - t0
+        raw = out["choices"][0]["message"]["content"]
+        return parsed_prediction(item["id"], raw, lat, finish_reason=out["choices"][0].get("finish_reason"))
+
+    def _prompt_text(self, msgs: list[dict[str, str]]) -> tuple[str, bool]:
+        """The chat prompt as text, rendered with the GGUF's chat template (as create_chat_completion
+        does), and whether tokenizing it must add bos."""
+        llm = self._llm
+        fmt = getattr(self, "_chat_formatter", None)
+        if fmt is None:
+            from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+            tpl = llm.metadata.get("tokenizer.chat_template")
+            if not tpl:
+                raise AtmError(f"{self.entry.ref}: the GGUF has no chat template; loglik needs one")
+            eos = llm._model.token_get_text(llm.token_eos()) if llm.token_eos() >= 0 else ""
+            bos = llm._model.token_get_text(llm.token_bos()) if llm.token_bos() >= 0 else ""
+            fmt = Jinja2ChatFormatter(template=tpl, eos_token=eos, bos_token=bos, add_generation_prompt=True)
+            self._chat_formatter = fmt
+        res = fmt(messages=msgs)
+        return res.prompt, not res.added_special
+
+    def _eval_to(self, toks: list[int]) -> "Any":
+        """Evaluate ``toks`` reusing the KV cache of the longest common prefix; return last logits."""
+        import numpy as np
+
+        llm = self._llm
+        old = llm._input_ids
+        m = min(len(old), len(toks) - 1)
+        k = 0
+        if m > 0:
+            eq = np.asarray(old[:m]) == np.asarray(toks[:m])
+            k = int(m if eq.all() else np.argmin(eq))
+        llm.n_tokens = k
+        llm.eval(toks[k:])
+        # without logits_all, llama-cpp-python keeps no scores; the context holds the last token's logits
+        return np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),)).astype(np.float64)
+
+    @staticmethod
+    def _logsoftmax(logits) -> "Any":
+        import numpy as np
+
+        m = logits.max()
+        return logits - (m + np.log(np.exp(logits - m).sum()))
+
+    def _loglik(self, item_id: str, msgs: list[dict[str, str]], t0: float) -> Prediction:
+        """Class probabilities from the log-prob of each complete answer continuation.
+
+        Everything is tokenized as ONE string (prompt + answer), exactly as in training: tokenizing
+        the answer separately would add a spurious word-start token with sentencepiece-style
+        vocabularies and merge differently at the boundaries ('NOOP"}' is one token in the tiny model).
+        """
+        llm = self._llm
+        prompt, add_bos = self._prompt_text(msgs)
+
+        def tok(text: str) -> list[int]:
+            return llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True)
+
+        pcs = self._pieces
+        change = None
+        n_gen = 0
+        if pcs["advice_first"]:
+            prefix = prompt + pcs["before_advice"]
+            tail = pcs["after_advice"]
+        else:
+            # the change comes first: decode just its digits (grammar = the schema's pattern), greedily
+            ctx = tok(prompt + pcs["before_change"])
+            self._eval_to(ctx)  # prefix-cached prompt evaluation, shared with the scoring below
+            out = llm.create_completion(prompt=ctx, grammar=self._change_grammar, max_tokens=24,
+                                        temperature=0.0, seed=0, stop=['"'])
+            text = out["choices"][0]["text"]
+            n_gen = int(out["usage"]["completion_tokens"])
+            if not re.fullmatch(_change_pattern(self.schema), text):
+                return Prediction(id=item_id, raw=text[:RAW_KEEP], valid=False,
+                                  reason=f"bad number: decoded predicted_open_change {text[:40]!r} is not valid",
+                                  latency=time.perf_counter() - t0, extra={"mode": "loglik"})
+            change = text
+            prefix = prompt + pcs["before_change"] + change + pcs["between"]
+            tail = pcs["after_advice"]
+        opts = {a: tok(prefix + a + tail) for a in ADVICES}
+        # score from the longest token prefix shared by all three options
+        first = opts[ADVICES[0]]
+        shared = min(len(v) for v in opts.values())
+        for v in opts.values():
+            k = 0
+            while k < shared and v[k] == first[k]:
+                k += 1
+            shared = k
+        lps: dict[str, float] = {}
+        for a, toks in opts.items():
+            # each step evaluates one new token: the KV cache keeps the prompt and the shared prefix
+            lps[a] = sum(float(self._logsoftmax(self._eval_to(toks[:j]))[toks[j]]) for j in range(shared, len(toks)))
+        probs = _softmax(lps)
+        adv = max(probs, key=probs.get)
+        raw = self.answer_format().format(change=change or "0.00000000", advice=adv)
+        lat = time.perf_counter() - t0
+        return Prediction(id=item_id, raw=raw, advice=adv, predicted_change=float(change) if change else None,
+                          probs=probs, valid=True, latency=lat,
+                          extra={"logprob": lps, "option_mass": float(sum(math.exp(v) for v in lps.values())),
+                                 "decoded_tokens": n_gen, "mode": "loglik"})
+
+    def answer_format(self) -> str:
+        return _template_answer_format(self.options, self.entry.template)
+
+    # ------------------------------------------------------------ dispatch
+    def predict_iter(self, items: Sequence[dict], mode: str = "generate") -> Iterator[Prediction]:
+        if self._delegate is not None:
+            yield from self._delegate.predict_iter(items, mode)
+            if self._delegate.mode_note:
+                self._note(self._delegate.mode_note)
+            return
+        yield from super().predict_iter(items, mode)
+
+    def describe(self) -> dict[str, Any]:
+        from atm.utils import versions
+
+        d = {"spec": self.spec, "ref": self.entry.ref, "path": self.entry.path, "sha256": self.entry.sha256,
+             "quant": self.entry.quant, "llamacpp": self.entry.llamacpp, "template_check": self.template_check,
+             "engine": "llama-server" if self._delegate else "llama-cpp-python in process",
+             "concurrency": self.concurrency,
+             "constraint": "LlamaGrammar.from_json_schema(prompts/advice.schema.json)",
+             "llama-cpp-python": versions(("llama-cpp-python",)).get("llama-cpp-python")}
+        return d
+
+    def close(self) -> None:
+        if self._server is not None:
+            proc, self._server = self._server, None
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
+        if self._llm is not None:
+            self._llm.close() if hasattr(self._llm, "close") else None
+            self._llm = None
+
+
+# ---------------------------------------------------------------------------------- transformers
+class HFProvider(_Retrying):
+    """``hf:PATH``: a transformers causal LM (batched; on GPU when one is present)."""
+
+    supports_loglik = True
+
+    def __init__(self, spec: str, arg: str, **options: Any):
+        super().__init__(spec, arg, **options)
+        self.path = arg
+        self.batch_size = int(options.get("batch_size") or 16)
+        self._model = None
+        self._pieces = answer_pieces(_template_answer_format(options, self._model_template()))
+
+    def _model_template(self) -> str | None:
+        p = Path(self.path) / "atm_model.json"
+        if p.exists():
+            t = json.loads(p.read_text()).get("template")
+            if isinstance(t, dict):
+                return t.get("yaml")
+            return t if isinstance(t, str) else None
+        return None
+
+    def _load(self):
+        if self._model is None:
+            torch = require("torch", "train")
+            tr = require("transformers", "train")
+            self.device = "cuda" if torch.cuda.is_available() else "cpu"
+            self.tok = tr.AutoTokenizer.from_pretrained(self.path)
+            self.tok.padding_side = "left"
+            if self.tok.pad_token is None:
+                self.tok.pad_token = self.tok.eos_token
+            dtype = torch.bfloat16 if self.device == "cuda" else torch.float32
+            self._model = tr.AutoModelForCausalLM.from_pretrained(self.path, dtype=dtype).to(self.device).eval()
+            self._torch = torch
+        return self._model
+
+    def _prompts(self, items: Sequence[dict]) -> list[str]:
+        return [self.tok.apply_chat_template(_messages(it), add_generation_prompt=True, tokenize=False)
+                for it in items]
+
+    def predict_iter(self, items: Sequence[dict], mode: str = "generate") -> Iterator[Prediction]:
+        self._load()
+        for i in range(0, len(items), self.batch_size):
+            chunk = list(items[i:i + self.batch_size])
+            yield from (self._loglik(chunk) if mode == "loglik" else self._generate(chunk))
+
+    def _generate(self, items: list[dict], max_new: int | None = None) -> list[Prediction]:
+        torch = self._torch
+        t0 = time.perf_counter()
+        enc = self.tok(self._prompts(items), return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
+        with torch.no_grad():
+            out = self._model.generate(**enc, max_new_tokens=max_new or int(self.gen["max_tokens"]), do_sample=False,
+                                       pad_token_id=self.tok.pad_token_id)
+        texts = self.tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        lat = (time.perf_counter() - t0) / len(items)
+        return [parsed_prediction(it["id"], txt, lat, batch=len(items)) for it, txt in zip(items, texts)]
+
+    def _loglik(self, items: list[dict]) -> list[Prediction]:
+        """Score 'prefix + option + closing quote' for the 3 options in one batched forward pass."""
+        torch = self._torch
+        t0 = time.perf_counter()
+        pcs = self._pieces
+        prompts = self._prompts(items)
+        changes: list[str | None] = [None] * len(items)
+        if pcs["advice_first"]:
+            prefixes = [p + pcs["before_advice"] for p in prompts]
+        else:  # the change comes first: decode the answer greedily, take its change (strictly parsed)
+            gens = self._generate(items, max_new=int(self.gen["max_tokens"]))
+            for k, g in enumerate(gens):
+                if g.valid and g.raw:
+                    m = re.search(_change_pattern(_schema()), g.raw)
+                    changes[k] = m.group(0) if m else None
+            prefixes = [p + pcs["before_change"] + (c or "0.00000000") + pcs["between"] for p, c in zip(prompts, changes)]
+        seqs, plen = [], []
+        for pre in prefixes:
+            ids_pre = self.tok(pre, add_special_tokens=False)["input_ids"]
+            for a in ADVICES:
+                ids = self.tok(pre + a + '"', add_special_tokens=False)["input_ids"]
+                k = 0
+                while k < min(len(ids_pre), len(ids)) and ids[k] == ids_pre[k]:
+                    k += 1
+                seqs.append(ids)
+                plen.append(k)
+        L = max(len(s) for s in seqs)
+        pad = self.tok.pad_token_id
+        inp = torch.full((len(seqs), L), pad, dtype=torch.long)
+        att = torch.zeros((len(seqs), L), dtype=torch.long)
+        for r, s in enumerate(seqs):  # left padding: the options end at the same column
+            inp[r, L - len(s):] = torch.tensor(s)
+            att[r, L - len(s):] = 1
+        with torch.no_grad():
+            logits = self._model(input_ids=inp.to(self.device), attention_mask=att.to(self.device)).logits.float()
+        logp = torch.log_softmax(logits, dim=-1).cpu()
+        out = []
+        lat = (time.perf_counter() - t0) / len(items)
+        for k, it in enumerate(items):
+            lps = {}
+            for j, a in enumerate(ADVICES):
+                r = 3 * k + j
+                s = seqs[r]
+                off = L - len(s)
+                lps[a] = float(sum(logp[r, off + q - 1, s[q]] for q in range(plen[r], len(s))))
+            probs = _softmax(lps)
+            adv = max(probs, key=probs.get)
+            ch = changes[k]
+            raw = _template_answer_format(self.options, self._model_template()).format(
+                change=ch or "0.00000000", advice=adv)
+            out.append(Prediction(id=it["id"], raw=raw, advice=adv, predicted_change=float(ch) if ch else None,
+                                  probs=probs, valid=True, latency=lat,
+                                  extra={"logprob": lps, "mode": "loglik", "change_decoded": ch is not None}))
+        return out
+
+    def describe(self) -> dict[str, Any]:
+        from atm.utils import versions
+
+        return {"spec": self.spec, "path": self.path, "device": getattr(self, "device", None),
+                "batch_size": self.batch_size, "constraint": "none (greedy, strictly parsed)",
+                **versions(("torch", "transformers"))}
