@@ -207,3 +207,25 @@ def test_many_models_share_one_period_and_report(tmp_path):
     assert len(d["equity"]["value"]) == len(results["random"].equity)
     results["random"].save(tmp_path / "bt.json")
     assert json.loads((tmp_path / "bt.json").read_text())["metrics"]["n_signals"] > 0
+
+
+def test_cli_backtest_of_a_predictions_file(cli, tmp_path):
+    rng = np.random.default_rng(5)
+    kl = klines_from_opens(100 * np.cumprod(1 + rng.normal(0, 1e-3, 400)))
+    data = tmp_path / "ds"
+    (data / "items" / "data").mkdir(parents=True)
+    kl.to_parquet(data / "klines.parquet", index=False)
+    items = pd.DataFrame({"id": [f"m{i}" for i in range(300)], "open_time": kl["open_time"].iloc[:300]})
+    items.to_parquet(data / "items" / "data" / "verify-00000-of-00001.parquet", index=False)
+    preds = tmp_path / "mymodel.jsonl"
+    preds.write_text("".join(json.dumps({"id": f"m{i}", "advice": a, "valid": True}) + "\n"
+                             for i, a in enumerate(rng.choice(["BUY", "NOOP", "SELL"], 300, p=[.05, .9, .05]))))
+    p = cli("eval", "backtest", "--predictions", str(preds), "--data", str(data), "--out", str(tmp_path / "bt"),
+            "--set", "sell_mode=flat", "--set", "horizon=5")
+    assert "| mymodel |" in p.stdout and "| buy-and-hold |" in p.stdout and "SELL = flat" in p.stdout
+    res = json.loads((tmp_path / "bt" / "backtest.json").read_text())
+    assert res["config"]["horizon"] == 5 and res["results"]["mymodel"]["short_share"] == 0.0
+    assert (tmp_path / "bt" / "equity.svg").stat().st_size > 1000
+    bad = cli("eval", "backtest", "--predictions", str(preds), "--data", str(data), "--set", "sell_mode=long",
+              check=False)
+    assert bad.returncode == 2 and "sell_mode" in bad.stderr

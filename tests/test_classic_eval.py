@@ -64,6 +64,12 @@ def test_atm_eval_run_classic_beside_baselines(cli, sample_dataset, tmp_path):
     report = (out / "report.md").read_text()
     assert "| classic:lgbm |" in report.split("## Backtest")[1] and "| buy-and-hold |" in report
     assert (out / "report_files" / "equity.png").stat().st_size > 5000
+    # the same run backtested again with another SELL meaning, from the CLI
+    bt = cli("eval", "backtest", str(out), "--set", "sell_mode=flat", "--set", "slippage_bps=2")
+    assert "| classic:logreg |" in bt.stdout and "SELL = flat" in bt.stdout and "2 bps" in bt.stdout
+    flat = json.loads((out / "backtest.json").read_text())["results"]
+    assert flat["classic:lgbm"]["short_share"] == 0.0 and flat["baseline:majority"]["total_return"] == 0.0
+    assert (out / "equity.svg").exists()
     # the saved model is reused by path: identical answers
     out2 = tmp_path / "run2"
     cli("eval", "run", "--model", f"classic:lgbm@{desc['artifact']}", "--no-baselines", "--data",

@@ -1,4 +1,5 @@
-"""``atm-eval train-classic``: train (or reuse) classic models, optionally walk-forward evaluated.
+"""The comparator's verbs: ``atm-eval train-classic`` (train / reuse classic models, optionally
+walk-forward evaluated) and ``atm-eval backtest`` (backtest an eval run or any predictions file).
 
 Registered by ``atm.eval.cli.register`` (one call); argparse only at import time.
 """
@@ -16,6 +17,15 @@ EPILOG = """examples:
 the artifact dir (runs/classic/MODEL-HASH) holds atm_classic.json (config, class weights, thresholds,
 validation metrics, dataset hashes, versions) and the model file; the same config on the same data
 reuses it (--force retrains)."""
+
+
+BACKTEST_EPILOG = """examples:
+  atm-eval backtest runs/eval/default-verify                      # every model of an eval run + buy-and-hold
+  atm-eval backtest runs/eval/default-verify --set sell_mode=flat --set hold=until-next-signal
+  atm-eval backtest --predictions preds.jsonl --data datasets/build/btc-seed --set fee=0.00075 --set slippage_bps=2
+predictions: JSONL/CSV/parquet rows with advice and open_time (or row, or id joined with the dataset's
+items). A position follows each BUY/SELL (SELL: short or flat) for `horizon` bars or until the next one;
+fees + slippage per side on every change; Sharpe/Sortino annualized with sqrt(525600) for minute bars."""
 
 
 def register_verbs(sub) -> None:
@@ -42,6 +52,23 @@ def register_verbs(sub) -> None:
                    help="override a ClassicConfig key, e.g. --set class_weight=none, --set epochs=5, "
                         "--set threshold=mean_return (keys: atm.eval.classic.core.ClassicConfig)")
     p.set_defaults(func=cmd_train_classic)
+
+    b = sub.add_parser("backtest", help="backtest the advice of an eval run (or a predictions file) with fees",
+                       description="Turn advice into positions (BUY long, SELL short or flat; held for the horizon "
+                                   "or until the next signal), charge fees and slippage per side, and report "
+                                   "return, Sharpe, Sortino, drawdown, hit rate, turnover and exposure beside "
+                                   "buy-and-hold; writes backtest.json and equity curves (PNG + SVG).",
+                       epilog=BACKTEST_EPILOG, formatter_class=Formatter)
+    b.add_argument("run", nargs="?", default=None, help="eval run directory (runs/eval/NAME)")
+    b.add_argument("--predictions", action="append", default=[], metavar="FILE",
+                   help="predictions file instead of a run (repeatable; named by file stem)")
+    b.add_argument("--data", default=None, help="dataset dir whose klines.parquet (and items) the predictions refer to")
+    b.add_argument("--split", default="verify", help="items split used to map prediction ids to minutes")
+    b.add_argument("--out", default=None, help="where to write backtest.json and equity.png/.svg "
+                                               "(default: the run dir, or the current dir)")
+    b.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="BacktestConfig key: sell_mode, hold, horizon, fee, slippage_bps, periods_per_year, close_at_end")
+    b.set_defaults(func=cmd_backtest)
 
 
 def cmd_train_classic(args: argparse.Namespace) -> int:
@@ -72,4 +99,64 @@ def cmd_train_classic(args: argparse.Namespace) -> int:
         else:
             path = train_classic(dataset_dir, cfg, root=root, force=args.force, quiet=False)
             print(f"artifact: {path}  (use --model classic:{name}@{path})")
+    return 0
+
+
+def cmd_backtest(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    import pandas as pd
+
+    from atm.errors import AtmError
+    from atm.eval.backtest import BacktestConfig, backtest_many, plot_equity, summary_table
+    from atm.utils import write_json_atomic
+
+    preds: dict = {}
+    fields: dict = {}
+    if args.run:
+        from atm.eval.harness import read_results
+
+        run = Path(args.run)
+        mpath = run / "manifest.json"
+        if not mpath.exists():
+            raise AtmError(f"{run}: not an eval run (no manifest.json)")
+        manifest = json.loads(mpath.read_text())
+        data = Path(args.data) if args.data else Path(manifest["data"]["path"])
+        items = pd.read_parquet(run / "truth.parquet", columns=["id", "open_time"])
+        for spec, entry in manifest["models"].items():
+            recs = read_results(run / entry["file"])
+            preds[spec] = [{"id": i, "advice": r.get("advice") if r.get("valid") else None} for i, r in recs.items()]
+        fields = dict((manifest.get("suite") or {}).get("backtest") or {})
+        lab = manifest.get("label_config") or {}
+        fields.setdefault("horizon", int(lab.get("horizon", 10) or 10))
+        out = Path(args.out) if args.out else run
+    else:
+        if not args.predictions or not args.data:
+            raise AtmError("give an eval run directory, or --predictions FILE with --data DATASET_DIR")
+        data = Path(args.data)
+        ipath = data / "items" / "data" / f"{args.split}-00000-of-00001.parquet"
+        items = pd.read_parquet(ipath, columns=["id", "open_time"]) if ipath.exists() else None
+        meta_p = data / "dataset.json"
+        if meta_p.exists():
+            lab = json.loads(meta_p.read_text()).get("label") or {}
+            fields["horizon"] = int(lab.get("horizon", 10) or 10)
+        for f in args.predictions:
+            preds[Path(f).stem] = f
+        out = Path(args.out) if args.out else Path(".")
+    kpath = data / "klines.parquet"
+    if not kpath.exists():
+        raise AtmError(f"{kpath}: klines not found (pass --data DATASET_DIR)")
+    cfg = BacktestConfig.load(None, overrides=args.overrides, **{k: v for k, v in fields.items()
+                                                                 if not any(o.startswith(k + "=") for o in args.overrides)})
+    if items is not None:
+        items = items.assign(id=items["id"].astype(str))
+    results = backtest_many(preds, pd.read_parquet(kpath), cfg, items=items)
+    table = summary_table(results)
+    print(table)
+    write_json_atomic(out / "backtest.json", {"config": cfg.to_dict(),
+                                              "results": {k: r.metrics for k, r in results.items()}})
+    png = plot_equity(results, out / "equity.png")
+    svg = plot_equity(results, out / "equity.svg")
+    print(f"wrote {out / 'backtest.json'}, {png} and {svg}")
     return 0
