@@ -640,7 +640,7 @@ def read_klines_parquet(path: str | Path):
     df["count"] = df["count"].astype("int64")
     if "filled" in df.columns:
         df["filled"] = df["filled"].astype(bool)
-    t = df["open_time"].to_numpy()
+    t = df["open_time"].to_numpy(dtype="datetime64[ns]")  # not object Timestamps (350k rows: 2 s -> 2 ms)
     if len(t) > 1 and not (t[1:] > t[:-1]).all():
         raise DataError("open_time is not strictly increasing (unsorted or duplicate minutes)", str(path))
     return df
