@@ -503,13 +503,13 @@ def create_app(settings: ServeSettings, served: dict | None = None):
     app.state.started = time.time()
     limit = settings.max_body_bytes
 
-    if settings.cors_origins:
+    app.add_middleware(Gate, settings=settings, metrics=metrics)
+    if settings.cors_origins:  # added last = outermost: answers preflights before the key check
         from starlette.middleware.cors import CORSMiddleware
 
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins,
                            allow_methods=["GET", "POST", "OPTIONS"],
                            allow_headers=["Authorization", "Content-Type"])
-    app.add_middleware(Gate, settings=settings, metrics=metrics)
 
     # ------------------------------------------------------------------ error handlers
     @app.exception_handler(ApiError)

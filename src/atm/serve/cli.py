@@ -42,18 +42,47 @@ def register(p: argparse.ArgumentParser) -> None:
 
 
 def load_settings(args: argparse.Namespace):
+    """Config file, then --model / flags, then --set (so `--set models.0.upstream_api=ollama`
+    refines a model given with --model)."""
+    from atm.config import load_yaml, parse_override, validate
     from atm.serve.models import parse_model_arg
     from atm.serve.settings import ServeSettings
 
-    settings = ServeSettings.load(args.config, overrides=args.overrides)
+    data = load_yaml(args.config) if args.config else {}
     if args.model:
-        settings.models = [parse_model_arg(m) for m in args.model]
-    for key, attr in (("engine", "engine"), ("host", "host"), ("port", "port"), ("api_key", "api_key"),
-                      ("parallel", "parallel"), ("ctx_size", "ctx_size")):
-        v = getattr(args, attr, None)
+        data["models"] = [parse_model_arg(m).model_dump(exclude_defaults=True) for m in args.model]
+    for key in ("engine", "host", "port", "api_key", "parallel", "ctx_size"):
+        v = getattr(args, key, None)
         if v is not None:
-            setattr(settings, key, v)
-    return settings
+            data[key] = v
+    for item in args.overrides:
+        k, v = parse_override(item)
+        _set_path(data, k, v)
+    return validate(ServeSettings, data, source=args.config or "atm serve")
+
+
+def _set_path(data: dict, key: str, value) -> None:
+    """``a.b=v`` like atm.config.set_dotted, plus list indices: ``models.0.upstream_api=ollama``."""
+    from atm.errors import ConfigError
+
+    parts = key.split(".")
+    node = data
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(f"--set {key}: {part!r} is not an index of a list of {len(node)}")
+            if last:
+                node[int(part)] = value
+            else:
+                node = node[int(part)]
+            continue
+        if last:
+            node[part] = value
+        else:
+            if not isinstance(node.get(part), (dict, list)):
+                node[part] = {}
+            node = node[part]
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,0 +1,142 @@
+"""Fast checks of the serve helpers that need no server: schema rewriting, class probabilities
+from log-probs, kline windows, settings and the CLI's --model/--set handling."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from atm.serve.advice import AdviceInputError, class_probs, klines_frame
+from atm.serve.engines import llama_safe_schema
+
+
+@pytest.mark.parametrize("rx,safe", [
+    (r"^-?\d+\.\d{8}$", r"^-?\d+[.]\d{8}$"),
+    (r"[\.a-z]+", r"[.a-z]+"),
+    (r"a\\.b", r"a\\.b"),          # an escaped backslash followed by any char: unchanged
+    (r"x[.]y", r"x[.]y"),
+    (r"\.\.", r"[.][.]"),
+])
+def test_dot_rewrite_keeps_meaning(rx, safe):
+    out = llama_safe_schema({"type": "string", "pattern": rx})["pattern"]
+    assert out == safe
+    for s in ("1.5", "a.b", "a\\.b", "x.y", "..", "abc", "-12.12345678"):
+        assert bool(re.search(rx, s)) == bool(re.search(out, s)), s
+
+
+def test_dot_rewrite_is_deep_and_copies():
+    schema = {"type": "object", "properties": {"a": {"type": "array", "items": {"pattern": r"\."}}},
+              "patternProperties": {r"^x\.": {"pattern": r"\.y"}}}
+    before = json.dumps(schema)
+    out = llama_safe_schema(schema)
+    assert out["properties"]["a"]["items"]["pattern"] == "[.]"
+    assert out["patternProperties"] == {"^x[.]": {"pattern": "[.]y"}}
+    assert json.dumps(schema) == before
+
+
+def _lp(tokens):
+    return {"choices": [{"logprobs": {"content": tokens}}]}
+
+
+def test_class_probs_at_the_advice_token():
+    import math
+
+    text = '{"predicted_open_change": "1.00000000", "advice": "NOOP"}'
+    head = text[: text.index('"NOOP"') + 1]
+    toks = [{"token": head, "logprob": 0.0, "top_logprobs": []},
+            {"token": "NO", "logprob": math.log(0.6), "top_logprobs": [
+                {"token": "NO", "logprob": math.log(0.6)}, {"token": "B", "logprob": math.log(0.2)},
+                {"token": "S", "logprob": math.log(0.1)}, {"token": "x", "logprob": math.log(0.1)}]},
+            {"token": 'OP"}', "logprob": 0.0, "top_logprobs": []}]
+    p = class_probs(_lp(toks), text)
+    assert p == pytest.approx({"BUY": 2 / 9, "NOOP": 6 / 9, "SELL": 1 / 9}, abs=1e-6)
+
+
+def test_class_probs_token_straddles_the_quote():
+    import math
+
+    text = '{"advice": "SELL"}'
+    toks = [{"token": '{"advice": ', "logprob": 0.0},
+            {"token": '"S', "logprob": math.log(0.5), "top_logprobs": [
+                {"token": '"S', "logprob": math.log(0.5)}, {"token": '"B', "logprob": math.log(0.5)},
+                {"token": "x", "logprob": math.log(0.1)}]},
+            {"token": 'ELL"}', "logprob": 0.0}]
+    assert class_probs(_lp(toks), text) == pytest.approx({"BUY": 0.5, "NOOP": 0.0, "SELL": 0.5})
+
+
+def test_class_probs_absent():
+    assert class_probs({"choices": [{}]}, '{"advice": "BUY"}') is None
+    assert class_probs(_lp([{"token": "{}", "logprob": 0}]), "{}") is None
+
+
+def _rows(n, start_ms=1_754_006_400_000):
+    return [[start_ms + 60_000 * i, "100.0", "101", "99", "100.5", "3.2", start_ms + 60_000 * i + 59_999,
+             "320", 12, "1.1", "110", "0"] for i in range(n)]
+
+
+def test_klines_frame_binance_arrays_and_objects():
+    df = klines_frame(_rows(5))
+    assert list(df.columns)[:6] == ["open_time", "open", "high", "low", "close", "volume"]
+    assert str(df["open_time"].dtype) == "datetime64[ns, UTC]"
+    assert df["count"].dtype == "int64" and len(df) == 5
+    objs = [{"open_time": "2025-08-01T00:0%d:00Z" % i, "open": 1, "high": 2, "low": 0.5, "close": 1.5,
+             "volume": 3} for i in range(3)]
+    assert len(klines_frame(objs[::-1])) == 3  # sorted
+
+
+@pytest.mark.parametrize("mutate,msg", [
+    (lambda r: r[:2] + r[3:], "gap"),
+    (lambda r: r + [r[-1]], "twice"),
+    (lambda r: [r[0][:3]] + r[1:], "at least"),
+    (lambda r: [[r[0][0], "abc", *r[0][2:]]] + r[1:], "not a number"),
+    (lambda r: [[r[0][0], "-1", *r[0][2:]]] + r[1:], "positive"),
+    (lambda r: [[r[0][0], "nan", *r[0][2:]]] + r[1:], "finite"),
+    (lambda r: [[r[0][0] + 5, *r[0][1:]]] + r[1:], "whole minutes"),
+    (lambda r: [], "empty"),
+])
+def test_klines_frame_rejects(mutate, msg):
+    with pytest.raises(AdviceInputError, match=msg):
+        klines_frame(mutate(_rows(6)))
+
+
+def test_cli_model_args_and_list_overrides():
+    import argparse
+
+    from atm.serve.cli import load_settings
+
+    ns = argparse.Namespace(config="serve/default.yaml", model=["atm:q4", "x=/tmp/x.gguf", "r=http://h:1/v1"],
+                            overrides=["models.2.upstream_api=ollama", "klines.BTCUSDT=/d.parquet", "parallel=3"],
+                            engine=None, host=None, port=9000, api_key=None, parallel=None, ctx_size=None)
+    s = load_settings(ns)
+    assert [m.name for m in s.models] == ["atm:q4", "x", "r"]
+    assert s.models[1].path == "/tmp/x.gguf"
+    assert s.models[2].engine == "remote" and s.models[2].upstream_api == "ollama"
+    assert s.klines == {"BTCUSDT": "/d.parquet"} and s.parallel == 3 and s.port == 9000
+    assert s.host == "127.0.0.1" and s.cors_origins == []
+
+
+def test_settings_reject_unknown_and_duplicates():
+    from atm.errors import ConfigError
+    from atm.serve.settings import ServeSettings
+
+    with pytest.raises(ConfigError, match="did you mean 'parallel'"):
+        ServeSettings.load(overrides=["paralel=2"])
+    with pytest.raises(ConfigError, match="unique"):
+        ServeSettings.load(models=[{"name": "a"}, {"name": "a"}])
+
+
+def test_every_serve_config_loads(root):
+    from atm.serve.settings import ServeSettings
+
+    files = sorted((root / "serve").glob("*.yaml"))
+    assert files
+    for f in files:
+        ServeSettings.load(f)
+
+
+def test_help_has_examples(cli):
+    for cmd in ("serve", "chat"):
+        out = cli(cmd, "--help").stdout
+        assert "examples:" in out
