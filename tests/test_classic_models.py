@@ -9,6 +9,7 @@ thresholds that never see the verify items, and walk-forward folds that keep the
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -46,30 +47,27 @@ def synth_klines(path, n: int, signal: float, seed: int) -> None:
     df.to_parquet(path, index=False)
 
 
+ROOT = Path(__file__).resolve().parents[1]
+
+
 def build(tmp, name: str, signal: float, n: int, seed: int):
     from atm.prompting.dataset import BuildConfig, build_dataset
 
     kp = tmp / f"{name}.parquet"
     synth_klines(kp, n, signal, seed)
     # fee-aware, 1-minute horizon: BUY if the next minute's return > 2*fee, SELL if < -2*fee
-    return build_dataset(BuildConfig(klines=str(kp), out=str(tmp / name), template="prompts/seed.yaml",
+    return build_dataset(BuildConfig(klines=str(kp), out=str(tmp / name), template=str(ROOT / "prompts" / "seed.yaml"),
                                      encoder="seed-json", label="fee-aware", horizon=1, fee=0.0005,
                                      symbol="SYNUSDT"))
 
 
 @pytest.fixture(scope="module")
-def planted(tmp_path_factory, root):
-    import os
-
-    os.chdir(root)
+def planted(tmp_path_factory):
     return build(tmp_path_factory.mktemp("classic"), "planted", 0.0015, 6000, 1)
 
 
 @pytest.fixture(scope="module")
-def random_walk(tmp_path_factory, root):
-    import os
-
-    os.chdir(root)
+def random_walk(tmp_path_factory):
     return build(tmp_path_factory.mktemp("classic"), "rw", 0.0, 6000, 2)
 
 
@@ -98,7 +96,8 @@ def test_planted_signal_is_found(planted, tmp_path, name):
     assert rec["class_weight"]["mode"] == "balanced" and set(rec["class_weight"]["weights"]) == set(ADVICES)
     assert "n / (k * n_c)" in rec["class_weight"]["statement"]
     assert rec["design"]["window"] == 10 and rec["design"]["columns"][1] == "prev_volumes"
-    assert rec["versions"] if "versions" in rec else rec["provenance"]["versions"]["scikit-learn"]
+    versions = rec["provenance"]["versions"]
+    assert versions["scikit-learn"] and versions["lightgbm"] and rec["dataset"]["klines_sha256"]
 
 
 @pytest.mark.parametrize("name", ["logreg", "lgbm", "cnn", "lstm"])
@@ -197,6 +196,10 @@ def test_provider_interface_and_artifact_reuse(planted, tmp_path, monkeypatch):
                    for r in read_items(planted, "train").head(50).itertuples()]
     again.predict(train_batch)
     assert again.mode_note and "inside" in again.mode_note and "training period" in again.mode_note
+    other = get_provider(f"classic:logreg@{desc['artifact']}")
+    other.fit(str(planted), [])
+    other.predict([{**b, "symbol": "OTHERUSDT"} for b in train_batch])  # another pair at those times: no leak
+    assert other.mode_note is None
 
 
 def test_walk_forward_folds_keep_the_embargo(planted, tmp_path):

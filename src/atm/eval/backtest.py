@@ -428,7 +428,9 @@ def summary_table(results: Mapping[str, BacktestResult] | Iterable[BacktestResul
         lines.append(f"Costs {100 * c['fee']:.2f}% fee + {c['slippage_bps']:g} bps slippage per side; "
                      f"SELL = {c['sell_mode']}; hold = {c['hold']} ({c['horizon']} bars); "
                      f"{items[0].metrics['days']:.1f} days ({items[0].metrics['start']} to {items[0].metrics['end']}); "
-                     f"Sharpe/Sortino annualized with sqrt({items[0].metrics['periods_per_year']:g}).")
+                     f"Sharpe/Sortino annualized with sqrt({items[0].metrics['periods_per_year']:g}); "
+                     "hit rate: trades whose price moved the advised way (before costs); turnover: notional "
+                     "traded per day in units of equity.")
     return "\n".join(lines)
 
 

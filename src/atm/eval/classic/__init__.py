@@ -118,7 +118,11 @@ class ClassicProvider(Provider):
         first = (per.get("fit_period") or [None])[0]
         if not first or not fit_period or not items or "open_time" not in items[0]:
             return
-        t = pd.to_datetime([it["open_time"] for it in items], utc=True)
+        trained_symbols = per.get("symbols")
+        same = [it for it in items if not trained_symbols or it.get("symbol") in (None, *trained_symbols)]
+        if not same:
+            return  # another pair at the same times is not a leak
+        t = pd.to_datetime([it["open_time"] for it in same], utc=True)
         inside = int(((t >= pd.Timestamp(first)) & (t <= pd.Timestamp(fit_period[1]))).sum())
         if inside:
             self.overlap_note = (f"WARNING: {inside} evaluated minutes lie inside {self.spec}'s training period "
