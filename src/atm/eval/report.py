@@ -278,6 +278,17 @@ def build_doc(metrics: dict[str, Any], run_dir: Path, bt: dict[str, Any] | None,
     d.p(f"Dataset `{data.get('path')}`, split `{data.get('split')}`, {data.get('n_items'):,} items "
         f"({data.get('first_open_time')} to {data.get('last_open_time')}); label rule: {lc_s}. "
         f"Items file sha256 `{str(data.get('items_sha256'))[:16]}`. Run directory `{run_dir}`.")
+    support = next((r["per_class"] for r in models.values() if r.get("per_class")), None)
+    if support:
+        counts = {c: v["support"] for c, v in support.items()}
+        tot = sum(counts.values()) or 1
+        d.p("True classes in these items: " + ", ".join(f"{c} {n:,} ({100 * n / tot:.1f}%)" for c, n in counts.items())
+            + f". Always answering the most common class scores {100 * max(counts.values()) / tot:.1f}% raw accuracy.")
+        rare = [c for c, n in counts.items() if n < 10]
+        if rare:
+            d.p(f"**Warning: {', '.join(rare)} occur{'s' if len(rare) == 1 else ''} fewer than 10 times here; "
+                "balanced accuracy and per-class figures rest on very few minutes (a class absent from the items "
+                "is left out of balanced accuracy). Evaluate more minutes before concluding anything.**")
     d.h(2, "Verdict")
     verdicts = metrics.get("verdicts") or []
     d.ul([f"**{v}**" for v in verdicts] or ["no model with references to compare against"])
