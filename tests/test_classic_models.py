@@ -228,3 +228,28 @@ def test_walk_forward_folds_keep_the_embargo(planted, tmp_path):
     md = (tmp_path / "wf" / "walk_forward.md").read_text()
     assert md.count("\n| ") == 5 and "pooled" in md
     assert json.loads((tmp_path / "wf" / "walk_forward.json").read_text())["k"] == 3
+
+
+def test_design_uses_only_bars_before_t(planted):
+    """Perturb every bar from minute c on: the window and indicators of rows <= c must not change."""
+    from atm.eval.classic.design import build_design, compute_indicators, window_spec_from_meta
+
+    kl = read_klines(planted)
+    spec = window_spec_from_meta(json.loads((planted / "dataset.json").read_text()))
+    c = 3000
+    rows = np.arange(200, c + 1)
+    base = build_design(kl, rows, spec, compute_indicators(kl, {}))
+    moved = kl.copy()
+    factor = np.random.default_rng(0).uniform(0.5, 1.5, len(kl) - c)
+    for col in ("open", "high", "low", "close", "volume", "quote_volume", "taker_buy_volume",
+                "taker_buy_quote_volume"):
+        vals = moved[col].to_numpy(dtype=np.float64).copy()
+        vals[c:] *= factor
+        moved[col] = vals
+    moved["count"] = moved["count"].to_numpy() * np.where(np.arange(len(kl)) >= c, 3, 1)
+    after = build_design(moved, rows, spec, compute_indicators(moved, {}))
+    assert np.array_equal(base.table, after.table, equal_nan=True)
+    # and the first perturbed row does change (the check can fail)
+    nxt = build_design(kl, np.array([c + 1]), spec, compute_indicators(kl, {}))
+    nxt2 = build_design(moved, np.array([c + 1]), spec, compute_indicators(moved, {}))
+    assert not np.array_equal(nxt.table, nxt2.table, equal_nan=True)
