@@ -42,6 +42,7 @@ def test_layout_and_load_dataset(sample_dataset):
     assert set(pref) == {"train", "verify"}
     row = pref["train"][0]
     assert {"prompt", "chosen", "rejected", "id", "margin"} <= set(row)
+    assert row["id"] == "BTCUSDT-2025-08-01T00:11:00"  # symbol + the minute's open time
     assert [m["role"] for m in row["prompt"]] == ["system", "user"]
     assert [m["role"] for m in row["chosen"]] == ["assistant"] == [m["role"] for m in row["rejected"]]
     assert row["chosen"][0]["content"] != row["rejected"][0]["content"]

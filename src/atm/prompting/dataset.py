@@ -70,6 +70,9 @@ class BuildConfig(AtmConfig):
     split: dict[str, Any] = Field(default_factory=dict, description="atm.market.splits.SplitConfig settings "
                                   "(default: last 20% = verify, embargo 180 minutes)")
     seed: int = Field(default=0, description="random seed (rejected advices of random pairs)")
+    views: list[Literal["preference", "sft", "rl", "items"]] = Field(
+        default_factory=lambda: list(VIEWS), description="views to write (default all four)")
+    compression: Literal["zstd", "snappy", "none"] = Field(default="zstd", description="parquet compression")
     chunk_rows: int = Field(default=50_000, ge=100, description="minutes encoded and written per chunk (bounds memory)")
     tokenizer: str | None = Field(default=None, description="HF tokenizer dir for token-length stats (default: chars/4 estimate)")
     overwrite: bool = Field(default=False, description="replace an existing output folder")
@@ -91,26 +94,29 @@ def _msg_type():
     return pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
 
 
-def messages_array(prefix: list[dict[str, str]], per_row: list[list[str]], roles_after: list[str]):
+def messages_array(prefix: list[dict[str, str]], per_row: list, roles_after: list[str]):
     """A ``list<struct<role, content>>`` array: ``prefix`` + one message per ``per_row`` column.
 
-    Built column-wise (no per-row dicts): ``per_row[j][i]`` is the content of row i's j-th
-    message after the shared prefix, with role ``roles_after[j]``.
+    Built column-wise in Arrow (no per-row dicts or Python strings): ``per_row[j]`` (a pyarrow
+    string array or a list of str) holds the content of every row's j-th message after the shared
+    prefix, with role ``roles_after[j]``. The prefix strings are gathered with one ``take``.
     """
     import pyarrow as pa
 
-    n = len(per_row[0]) if per_row else 0
-    width = len(prefix) + len(per_row)
-    contents = np.empty((n, width), dtype=object)
-    for j, m in enumerate(prefix):
-        contents[:, j] = m["content"]
-    for j, col in enumerate(per_row):
-        contents[:, len(prefix) + j] = col
+    cols = [c if isinstance(c, (pa.Array, pa.ChunkedArray)) else pa.array(c, pa.string()) for c in per_row]
+    cols = [c.combine_chunks() if isinstance(c, pa.ChunkedArray) else c for c in cols]
+    n = len(cols[0]) if cols else 0
+    P, width = len(prefix), len(prefix) + len(cols)
+    pool = pa.concat_arrays([pa.array([m["content"] for m in prefix], pa.string()), *[c.cast(pa.string()) for c in cols]])
+    idx = np.empty((n, width), dtype=np.int64)
+    idx[:, :P] = np.arange(P)
+    for j in range(len(cols)):
+        idx[:, P + j] = P + j * n + np.arange(n)
+    contents = pool.take(pa.array(idx.reshape(-1)))
     roles = [m["role"] for m in prefix] + list(roles_after)
     role_arr = pa.DictionaryArray.from_arrays(
         pa.array(np.tile(np.arange(width, dtype=np.int32), n)), pa.array(roles)).cast(pa.string())
-    struct = pa.StructArray.from_arrays(
-        [role_arr, pa.array(contents.reshape(-1), type=pa.string())], names=["role", "content"])
+    struct = pa.StructArray.from_arrays([role_arr, contents], names=["role", "content"])
     offsets = pa.array(np.arange(0, n * width + 1, width, dtype=np.int32))
     return pa.ListArray.from_arrays(offsets, struct)
 
@@ -228,6 +234,7 @@ def build_dataset(cfg: BuildConfig) -> Path:
     """Build the dataset described by ``cfg``; returns the output folder (written atomically)."""
     import pandas as pd
     import pyarrow as pa
+    import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
     from atm.market.klines import read_klines_parquet
@@ -248,7 +255,7 @@ def build_dataset(cfg: BuildConfig) -> Path:
 
     template = Template.load(cfg.template)
     fs = template.spec.fewshot
-    k = fs.k if cfg.fewshot_k is None else cfg.fewshot_k
+    n_shots = fs.k if cfg.fewshot_k is None else cfg.fewshot_k
     fs_seed = fs.seed if cfg.fewshot_seed is None else cfg.fewshot_seed
     enc_name = cfg.encoder or template.spec.encoder or "seed-json"
     enc_cfg = {**template.spec.encoder_config, **cfg.encoder_config} if template.spec.encoder in (None, enc_name) \
@@ -314,10 +321,10 @@ def build_dataset(cfg: BuildConfig) -> Path:
     else:
         teach_idx = label_idx_all
     examples_rows = np.empty(0, dtype=np.int64)
-    if k > 0 and not template.spec.examples:
+    if n_shots > 0 and not template.spec.examples:
         train_valid = np.flatnonzero(valid & (split_of == split_names.index("train")))
         teach_labels = np.array([ADVICES[i] if i >= 0 else None for i in teach_idx], dtype=object)
-        examples_rows = choose_examples(teach_labels, train_valid, k, fs_seed, fs.balanced)
+        examples_rows = choose_examples(teach_labels, train_valid, n_shots, fs_seed, fs.balanced)
         ctx = encoder.encode(df, examples_rows, features)
         chg = encoder.answer_changes(df, examples_rows)
         ot = df["open_time"].to_numpy()
@@ -328,9 +335,9 @@ def build_dataset(cfg: BuildConfig) -> Path:
         if len(examples_rows):
             drops["used as few-shot examples"] = len(examples_rows)
             valid[examples_rows] = False
-    elif k > 0 and len(template.spec.examples) != k:
+    elif n_shots > 0 and len(template.spec.examples) != n_shots:
         raise ConfigError(f"{cfg.template}: the template has {len(template.spec.examples)} written-in examples "
-                          f"but fewshot.k is {k}")
+                          f"but fewshot.k is {n_shots}")
 
     rows = np.flatnonzero(valid)
     if len(rows) == 0:
@@ -351,11 +358,11 @@ def build_dataset(cfg: BuildConfig) -> Path:
     schemas = _schemas()
     writers: dict[tuple[str, str], Any] = {}
     try:
-        for view in VIEWS:
+        for view in cfg.views:
             for split in split_names:
                 f = view_file(tmp, view, split)
                 f.parent.mkdir(parents=True, exist_ok=True)
-                writers[(view, split)] = pq.ParquetWriter(f, schemas[view], compression="zstd")
+                writers[(view, split)] = pq.ParquetWriter(f, schemas[view], compression=cfg.compression)
 
         prefix = template.prefix()
         prefix_chars = sum(len(m["content"]) for m in prefix)
@@ -364,70 +371,83 @@ def build_dataset(cfg: BuildConfig) -> Path:
                                                  "chosen": {a: 0 for a in ADVICES}, "margin_sum": 0.0,
                                                  "prompt_chars": []} for s in split_names}
         pair_start = np.searchsorted(p_minute, np.arange(len(rows) + 1))
+        advice_arr = pa.array(list(ADVICES), pa.string())
+        symbol_prefix = f"{symbol}-"
+        head, tail = template.user_parts()
+        views = set(cfg.views)
         bar = progress(total=len(rows), desc=f"building {name}", unit="min")
         for c0 in range(0, len(rows), cfg.chunk_rows):
             c1 = min(len(rows), c0 + cfg.chunk_rows)
             r = rows[c0:c1]
-            contexts = encoder.encode(df, r, features)
-            users = template.user_messages(contexts)
-            changes = encoder.answer_changes(df, r)
-            rejected_changes = encoder.rejected_changes(changes)
-            ids = np.char.add(f"{symbol}-", np.datetime_as_string(ids_all_ot[r], unit="s")).tolist()
+            contexts = encoder.encode_arrow(df, r, features)
+            users = pc.binary_join_element_wise(head, contexts, tail, "")
+            changes = encoder.answer_changes_arrow(df, r)
+            rejected_changes = encoder.rejected_changes_arrow(changes)
+            ot = pa.array(ids_all_ot[r], pa.timestamp("ns"))
+            ids = pc.binary_join_element_wise(
+                symbol_prefix, pc.strftime(ot.cast(pa.timestamp("s")), format="%Y-%m-%dT%H:%M:%S"), "")
             lab = labels[r]
             teach = teach_idx[r]
-            answers = [template.answer(ADVICES[t], ch) for t, ch in zip(teach.tolist(), changes)]
+            answers = template.answers_arrow(advice_arr.take(pa.array(teach)), changes)
+            # minutes are in time order and splits are consecutive time ranges: each split is a slice
             sp = split_of[r]
             for si, split in enumerate(split_names):
-                m = np.flatnonzero(sp == si)
-                if len(m) == 0:
+                a0, a1 = np.searchsorted(sp, [si, si + 1])
+                if a1 <= a0:
                     continue
-                ml = m.tolist()
-                u = [users[i] for i in ml]
-                ids_m = [ids[i] for i in ml]
-                prompt = messages_array(prefix, [u], ["user"])
-                rr = ret[c0 + m]
-                ans_m = [answers[i] for i in ml]
-                writers[("items", split)].write_table(pa.table({
-                    "id": ids_m, "row": pa.array(r[m], pa.int64()),
-                    "open_time": pa.array(ids_all_ot[r[m]], pa.timestamp("ns")).cast(pa.timestamp("ns", tz="UTC")),
-                    "symbol": [symbol] * len(m), "label": [str(x) for x in lab[m]], "answer": ans_m,
-                    "change": [changes[i] for i in ml], "ret_BUY": rr[:, 0], "ret_NOOP": rr[:, 1],
-                    "ret_SELL": rr[:, 2], "prompt": prompt, "context": [contexts[i] for i in ml]},
-                    schema=schemas["items"]))
-                writers[("rl", split)].write_table(pa.table({
-                    "id": ids_m, "prompt": prompt, "ret_BUY": rr[:, 0], "ret_NOOP": rr[:, 1],
-                    "ret_SELL": rr[:, 2]}, schema=schemas["rl"]))
-                writers[("sft", split)].write_table(pa.table({
-                    "id": ids_m, "messages": messages_array(prefix, [u, ans_m], ["user", "assistant"])},
-                    schema=schemas["sft"]))
-                # pairs of these minutes (several per minute with all_worse)
+                m = np.arange(a0, a1)
+                k = int(a1 - a0)
+                u = users.slice(a0, k)
+                ids_m = ids.slice(a0, k)
+                rr = ret[c0 + a0:c0 + a1]
+                prompt = messages_array(prefix, [u], ["user"]) if views & {"items", "rl"} else None
+                if "items" in views:
+                    writers[("items", split)].write_table(pa.table({
+                        "id": ids_m, "row": pa.array(r[a0:a1], pa.int64()),
+                        "open_time": ot.slice(a0, k).cast(pa.timestamp("ns", tz="UTC")),
+                        "symbol": pa.array(np.full(k, symbol, dtype=object), pa.string()),
+                        "label": pa.array(lab[a0:a1], pa.string()), "answer": answers.slice(a0, k),
+                        "change": changes.slice(a0, k), "ret_BUY": rr[:, 0], "ret_NOOP": rr[:, 1],
+                        "ret_SELL": rr[:, 2], "prompt": prompt, "context": contexts.slice(a0, k)},
+                        schema=schemas["items"]))
+                if "rl" in views:
+                    writers[("rl", split)].write_table(pa.table({
+                        "id": ids_m, "prompt": prompt, "ret_BUY": rr[:, 0], "ret_NOOP": rr[:, 1],
+                        "ret_SELL": rr[:, 2]}, schema=schemas["rl"]))
+                if "sft" in views:
+                    writers[("sft", split)].write_table(pa.table({
+                        "id": ids_m, "messages": messages_array(prefix, [u, answers.slice(a0, k)],
+                                                                ["user", "assistant"])},
+                        schema=schemas["sft"]))
+                # pairs of these minutes (several per minute with all_worse, none when dropped)
                 g = c0 + m
                 lo, hi = pair_start[g], pair_start[g + 1]
                 cnt = hi - lo
-                if cnt.sum():
-                    pidx = np.repeat(lo, cnt) + (np.arange(cnt.sum()) - np.repeat(np.cumsum(cnt) - cnt, cnt))
-                    loc = np.repeat(m, cnt)  # chunk-local minute of each pair
-                    ch_i, rj_i = p_chosen[pidx], p_rejected[pidx]
-                    ch_txt = [template.answer(ADVICES[a], changes[i]) for a, i in zip(ch_i.tolist(), loc.tolist())]
-                    rj_txt = [template.answer(ADVICES[a], rejected_changes[i]) for a, i in zip(rj_i.tolist(), loc.tolist())]
-                    pu = [users[i] for i in loc.tolist()]
-                    writers[("preference", split)].write_table(pa.table({
-                        "id": [ids[i] for i in loc.tolist()],
-                        "prompt": messages_array(prefix, [pu], ["user"]),
-                        "chosen": messages_array([], [ch_txt], ["assistant"]),
-                        "rejected": messages_array([], [rj_txt], ["assistant"]),
-                        "margin": p_margin[pidx], "chosen_advice": [ADVICES[a] for a in ch_i.tolist()],
-                        "rejected_advice": [ADVICES[a] for a in rj_i.tolist()]}, schema=schemas["preference"]))
-                    st = stats[split]
-                    st["pairs"] += int(cnt.sum())
-                    st["margin_sum"] += float(p_margin[pidx].sum())
-                    for j, a in enumerate(ADVICES):
-                        st["chosen"][a] += int((ch_i == j).sum())
+                total = int(cnt.sum())
                 st = stats[split]
-                st["items"] += len(m)
+                if total:
+                    pidx = np.repeat(lo, cnt) + (np.arange(total) - np.repeat(np.cumsum(cnt) - cnt, cnt))
+                    loc = pa.array(np.repeat(m, cnt))  # chunk-local minute of each pair
+                    ch_i, rj_i = p_chosen[pidx], p_rejected[pidx]
+                    ch_adv, rj_adv = advice_arr.take(pa.array(ch_i)), advice_arr.take(pa.array(rj_i))
+                    if "preference" in views:
+                        writers[("preference", split)].write_table(pa.table({
+                            "id": ids.take(loc),
+                            "prompt": messages_array(prefix, [users.take(loc)], ["user"]),
+                            "chosen": messages_array([], [template.answers_arrow(ch_adv, changes.take(loc))], ["assistant"]),
+                            "rejected": messages_array([], [template.answers_arrow(rj_adv, rejected_changes.take(loc))],
+                                                       ["assistant"]),
+                            "margin": p_margin[pidx], "chosen_advice": ch_adv, "rejected_advice": rj_adv},
+                            schema=schemas["preference"]))
+                    st["pairs"] += total
+                    st["margin_sum"] += float(p_margin[pidx].sum())
+                    counts = np.bincount(ch_i, minlength=3)
+                    for j, a in enumerate(ADVICES):
+                        st["chosen"][a] += int(counts[j])
+                st["items"] += k
                 for a in ADVICES:
-                    st["labels"][a] += int((lab[m] == a).sum())
-                st["prompt_chars"].append(prefix_chars + np.fromiter((len(x) for x in u), np.int64, len(u)))
+                    st["labels"][a] += int((lab[a0:a1] == a).sum())
+                st["prompt_chars"].append(prefix_chars + pc.utf8_length(u).to_numpy(zero_copy_only=False))
             bar.update(len(r))
         bar.close()
         for w in writers.values():
@@ -456,7 +476,7 @@ def build_dataset(cfg: BuildConfig) -> Path:
             }
         token_stats = _token_stats(cfg.tokenizer, tmp, split_names) if cfg.tokenizer else None
         files = {}
-        for view in VIEWS:
+        for view in cfg.views:
             for split in split_names:
                 f = view_file(tmp, view, split)
                 files[str(f.relative_to(tmp))] = sha256_file(f)
@@ -468,7 +488,7 @@ def build_dataset(cfg: BuildConfig) -> Path:
             "config": cfg.to_dict(),
             "encoder": encoder.config(),
             "template": {"name": template.name, "path": str(cfg.template), "sha256": template.sha256,
-                         "yaml": template.to_yaml(), "fewshot_k": k, "fewshot_seed": fs_seed,
+                         "yaml": template.to_yaml(), "fewshot_k": n_shots, "fewshot_seed": fs_seed,
                          "example_rows": [int(x) for x in examples_rows]},
             "schema": load_schema(),
             "label": {**label_cfg.to_dict(), "label_horizon": label_horizon(label_cfg)},

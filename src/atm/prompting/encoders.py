@@ -12,13 +12,15 @@ Pluggable by name (``get_encoder("seed-json", window=10)``; ``register_encoder``
 * ``digits``: LLMTime style: each column scaled by a robust quantile of its window, fixed
   precision, digits separated by spaces, time steps separated by commas.
 
-Speed: nothing here loops over pandas rows. Each per-bar value is formatted once; a window's text
-is then a slice of one long string in which the formatted bars sit back to back (a window is a
-contiguous run of bars), so building a context costs a few string slices per minute.
+Speed: nothing here loops over pandas rows. The JSON encoders format each bar's value once
+(``format_fixed``: integer arithmetic + pyarrow string kernels, byte-identical to ``'%.8f'``), then
+gather each window position with ``take`` and glue the pieces with
+``pyarrow.compute.binary_join_element_wise``: no Python object per minute at all.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any, Callable, ClassVar
 
 import numpy as np
@@ -47,37 +49,74 @@ SERIES: dict[str, tuple[str, str]] = {
 # ------------------------------------------------------------------------------- helpers
 def format_values(values: np.ndarray, precision: int) -> list[str]:
     """``'%.{precision}f'`` of every value (NaN -> 'nan'), exactly as Python formats it."""
-    fmt = f"%.{precision}f"
-    return [fmt % v for v in np.asarray(values, dtype=np.float64).tolist()]
+    return format_fixed(values, precision).to_pylist()
 
 
-class _Strip:
-    """Per-bar strings laid back to back in one string; ``window(t, w)`` slices ``w`` of them.
+def format_fixed(values: np.ndarray, precision: int):
+    """``'%.{precision}f' % v`` for every value, as a pyarrow string array, vectorized.
 
-    Oldest-first: pieces are ``'"s_i", '`` for i = 0..n-1 and the window of bars [a, b) is
-    ``text[off[a] : off[b] - len(sep)]``. Newest-first uses the pieces in reverse order.
+    Values are scaled to integers (x * 10**p, rounded) and written with pyarrow's C kernels. The
+    result is byte-identical to Python's formatting (which rounds the exact binary value half to
+    even): values whose scaled fraction lies within a few ulps of .5, values too large for exact
+    integers (|x| * 10**p >= 2**52) and non-finite values are formatted by Python instead.
     """
+    import pyarrow as pa
+    import pyarrow.compute as pc
 
-    def __init__(self, strings: list[str], quote: str = '"', sep: str = ", ", newest_first: bool = False):
-        self.n = len(strings)
-        self.sep = sep
-        self.newest_first = newest_first
-        pieces = [f"{quote}{s}{quote}{sep}" for s in (reversed(strings) if newest_first else strings)]
-        lens = np.fromiter((len(p) for p in pieces), dtype=np.int64, count=self.n)
-        self.off = np.zeros(self.n + 1, dtype=np.int64)
-        np.cumsum(lens, out=self.off[1:])
-        self.text = "".join(pieces)
+    x = np.asarray(values, dtype=np.float64)
+    fmt = f"%.{precision}f"
+    if x.size == 0:
+        return pa.array([], pa.string())
+    scale = 10.0 ** precision
+    with np.errstate(invalid="ignore", over="ignore"):
+        y = np.abs(x) * scale
+        frac = y - np.floor(y)
+        risky = ~np.isfinite(y) | (y >= 2.0 ** 52) | (np.abs(frac - 0.5) <= 4 * np.spacing(y))
+    ysafe = np.where(risky, 0.0, y)
+    r = np.rint(ysafe).astype(np.int64)
+    p10 = 10 ** precision
+    ip = pc.cast(pa.array(r // p10), pa.string())
+    neg = np.signbit(x)
+    sign = pa.array(np.where(neg, "-", ""))
+    if precision > 0:
+        fp = pc.utf8_lpad(pc.cast(pa.array(r % p10), pa.string()), width=precision, padding="0")
+        out = pc.binary_join_element_wise(sign, ip, ".", fp, "")
+    else:
+        out = pc.binary_join_element_wise(sign, ip, "")
+    if risky.any():
+        idx = np.flatnonzero(risky)
+        fixed = pa.array([fmt % v for v in x[idx].tolist()], pa.string())
+        out = pc.replace_with_mask(out, pa.array(risky), fixed)
+    return out
 
-    def bounds(self, a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Slice bounds (start, stop) of bars [a, b) for arrays a, b (in bar order given)."""
-        if self.newest_first:  # bar i sits at reversed position n-1-i; window [a,b) -> [n-b, n-a)
-            a, b = self.n - b, self.n - a
-        return self.off[a], self.off[b] - len(self.sep)
 
-    def windows(self, a: np.ndarray, b: np.ndarray) -> list[str]:
-        start, stop = self.bounds(a, b)
-        text = self.text
-        return [text[s:e] for s, e in zip(start.tolist(), stop.tolist())]
+def _take(arr, idx: np.ndarray):
+    import pyarrow as pa
+
+    return arr.take(pa.array(idx, pa.int64()))
+
+
+def _join_json(columns: list[tuple[str, list]]) -> "object":
+    """``{"name": ["v", "v", ...], ...}`` for every row from per-position string arrays, in C.
+
+    ``columns`` is ``[(name, [array_of_value_at_position_0, array_at_position_1, ...]), ...]``;
+    the layout is exactly ``json.dumps`` of a dict of string lists.
+    """
+    import pyarrow.compute as pc
+
+    args: list = []
+    for ci, (name, cols) in enumerate(columns):
+        args.append(("{" if ci == 0 else "], ") + json.dumps(name) + ": [" + ('"' if cols else ""))
+        for k, col in enumerate(cols):
+            if k:
+                args.append('", "')
+            args.append(col)
+        if cols:
+            args.append('"')
+    args.append("]}")
+    if not any(not isinstance(x, str) for x in args):  # no values at all
+        raise AtmError("a context needs at least one value")
+    return pc.binary_join_element_wise(*args, "")
 
 
 def _series(df, name: str) -> np.ndarray:
@@ -147,7 +186,20 @@ class Encoder:
         return {"name": self.name, **self.cfg.to_dict()}
 
     def encode(self, df, rows, features=None) -> list[str]:
+        """Context text of each minute in ``rows`` (only bars before it)."""
+        return self.encode_arrow(df, rows, features).to_pylist()
+
+    def encode_arrow(self, df, rows, features=None):
+        """``encode`` as a pyarrow string array (the builder's fast path)."""
+        import pyarrow as pa
+
+        return pa.array(self._encode_list(df, rows, features), pa.string())
+
+    def _encode_list(self, df, rows, features=None) -> list[str]:
         raise NotImplementedError
+
+    def compute_features(self, df):
+        return None
 
     # -- the answer's predicted change (label side: may look ahead, never part of the context)
     def target_changes(self, df, rows) -> np.ndarray:
@@ -167,16 +219,25 @@ class Encoder:
 
     def answer_changes(self, df, rows) -> list[str]:
         """The chosen answer's ``predicted_open_change`` strings ('%.8f'; -0 -> 0 except compat)."""
+        return self.answer_changes_arrow(df, rows).to_pylist()
+
+    def answer_changes_arrow(self, df, rows):
         vals = self.target_changes(df, rows)
-        out = format_values(vals, 8)
-        if self.cfg.target != "compat":
-            out = ["0.00000000" if s == "-0.00000000" else s for s in out]
-        return out
+        if self.cfg.target != "compat":  # the schema's pattern has no "-0.00000000"
+            vals = np.where(np.abs(vals) < 0.5e-8, 0.0, vals)
+        return format_fixed(vals, 8)
 
     def rejected_changes(self, chosen: list[str]) -> list[str]:
         if self.cfg.rejected_change == "zero":
             return ["0.00000000"] * len(chosen)
         return list(chosen)
+
+    def rejected_changes_arrow(self, chosen):
+        import pyarrow as pa
+
+        if self.cfg.rejected_change == "zero":
+            return pa.repeat(pa.scalar("0.00000000", pa.string()), len(chosen))
+        return chosen
 
 
 # ------------------------------------------------------------------------------- seed-json
@@ -211,23 +272,22 @@ class SeedJsonEncoder(Encoder):
         diff = any(SERIES[c][1] == "diff" for c in self.cfg.columns)
         return self.cfg.window + (1 if diff else 0)
 
-    def encode(self, df, rows, features=None) -> list[str]:
+    def encode_arrow(self, df, rows, features=None):
         rows = _rows(rows, len(df), self.lookback)
-        if rows.size == 0:
-            return []
         w = self.cfg.window
+        if rows.size == 0:
+            import pyarrow as pa
+
+            return pa.array([], pa.string())
         lo = max(0, int(rows.min()) - w)
         hi = int(rows.max())
-        cols = []
+        r = rows - lo
+        order = range(1, w + 1) if self.cfg.newest_first else range(w, 0, -1)
+        columns = []
         for c in self.cfg.columns:
-            vals = _series(df, c)[lo:hi]
-            strip = _Strip(format_values(vals, self.cfg.precision), newest_first=self.cfg.newest_first)
-            cols.append(strip.windows(rows - w - lo, rows - lo))
-        keys = [f'"{c}": [' for c in self.cfg.columns]
-        if len(cols) == 3:  # the common case, without the generic join
-            k0, k1, k2 = keys
-            return ["{" + k0 + a + "], " + k1 + b + "], " + k2 + c + "]}" for a, b, c in zip(*cols)]
-        return ["{" + ", ".join(k + v + "]" for k, v in zip(keys, vals)) + "}" for vals in zip(*cols)]
+            f = format_fixed(_series(df, c)[lo:hi], self.cfg.precision)
+            columns.append((c, [_take(f, r - k) for k in order]))
+        return _join_json(columns)
 
 
 class SeedJsonCompatConfig(EncoderConfig):
@@ -246,27 +306,29 @@ class SeedJsonCompatEncoder(Encoder):
     def lookback(self) -> int:
         return 10
 
-    def encode(self, df, rows, features=None) -> list[str]:
+    def encode_arrow(self, df, rows, features=None):
         rows = _rows(rows, len(df), self.lookback)
         if rows.size == 0:
-            return []
+            import pyarrow as pa
+
+            return pa.array([], pa.string())
         lo = int(rows.min()) - 10
         hi = int(rows.max())
         o = df["open"].to_numpy(dtype=np.float64)[lo:hi]
-        # e[j] = open(j-1) - open(j): older minus newer, at bar j (rel. to lo); e[0] unused.
+        # e[j] = open(j-1) - open(j): older minus newer, at bar j (relative to lo); e[0] unused.
         e = np.empty_like(o)
         e[0] = np.nan
         np.subtract(o[:-1], o[1:], out=e[1:])
         p = self.cfg.precision
-        ch = _Strip(format_values(e, p), newest_first=True)
-        vol = _Strip(format_values(df["volume"].to_numpy(dtype=np.float64)[lo:hi], p), newest_first=True)
-        cnt = _Strip(format_values(df["count"].to_numpy(dtype=np.float64)[lo:hi], p), newest_first=True)
+        ch = format_fixed(e, p)
+        vol = format_fixed(df["volume"].to_numpy(dtype=np.float64)[lo:hi], p)
+        cnt = format_fixed(df["count"].to_numpy(dtype=np.float64)[lo:hi], p)
         r = rows - lo
-        a = ch.windows(r - 9, r)          # e[t-9] .. e[t-1], newest first
-        b = vol.windows(r - 10, r - 1)    # volume t-10 .. t-2, newest first
-        c = cnt.windows(r - 10, r - 1)
-        return ['{"open_changes": [' + x + '], "prev_volumes": [' + y + '], "prev_trade_counts": [' + z + "]}"
-                for x, y, z in zip(a, b, c)]
+        return _join_json([
+            ("open_changes", [_take(ch, r - k) for k in range(1, 10)]),        # e[t-1] .. e[t-9]
+            ("prev_volumes", [_take(vol, r - k) for k in range(2, 11)]),       # t-2 .. t-10
+            ("prev_trade_counts", [_take(cnt, r - k) for k in range(2, 11)]),  # t-2 .. t-10
+        ])
 
 
 # ------------------------------------------------------------------------------- digits
@@ -311,7 +373,7 @@ class DigitsEncoder(Encoder):
             table.append(("- " + s) if v < 0 else s)
         return table, m
 
-    def encode(self, df, rows, features=None) -> list[str]:
+    def _encode_list(self, df, rows, features=None) -> list[str]:
         rows = _rows(rows, len(df), self.lookback)
         if rows.size == 0:
             return []
@@ -375,7 +437,7 @@ class NaturalEncoder(Encoder):
             return list(self.cfg.features)
         return [c for c in DEFAULT_NATURAL if features is None or c in features.columns]
 
-    def encode(self, df, rows, features=None) -> list[str]:
+    def _encode_list(self, df, rows, features=None) -> list[str]:
         rows = _rows(rows, len(df), self.lookback)
         if features is None:
             features = self.compute_features(df)

@@ -197,6 +197,19 @@ class Template:
     def render_many(self, contexts: Iterable[str]) -> list[list[dict[str, str]]]:
         return [self.render(c) for c in contexts]
 
+    def user_parts(self) -> tuple[str, str]:
+        """The user message is ``head + context + tail``."""
+        return self._user_head, self._user_tail
+
+    def answers_arrow(self, advices, changes):
+        """``answer`` for many rows at once: pyarrow string arrays in, a string array out."""
+        import pyarrow.compute as pc
+
+        pieces = self.spec.answer.format(change="\x00C\x00", advice="\x00A\x00").split("\x00")
+        args = [changes if p == "C" and i % 2 else advices if p == "A" and i % 2 else p
+                for i, p in enumerate(pieces) if p or i % 2]
+        return pc.binary_join_element_wise(*args, "")
+
     def user_messages(self, contexts: Sequence[str] | np.ndarray) -> list[str]:
         """The per-minute user message text for many contexts (the fast path for the builder)."""
         h, t = self._user_head, self._user_tail
