@@ -117,10 +117,39 @@ def child(klines: str, out: str, chunk_rows: int, views: str, template: str) -> 
     t1 = time.perf_counter()
     build_dataset(cfg)
     seconds = time.perf_counter() - t1
+    core = core_rate(klines, template, chunk_rows) if views == "preference" else None
     info = json.loads((Path(out) / "dataset.json").read_text())
-    print(json.dumps({"seconds": seconds, "import_seconds": t_import, "items": info["rows"]["items"],
+    print(json.dumps({"seconds": seconds, "import_seconds": t_import, "core_rows_per_s": core, "items": info["rows"]["items"],
                       "pairs": sum(s["pairs"] for s in info["splits"].values()),
                       "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+
+
+def core_rate(klines: str, template: str, chunk_rows: int) -> float:
+    """In memory only: contexts, user messages, chosen and rejected answers for every minute (the
+    text of the pairs, as Arrow arrays), without labels, splits or parquet writing."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from atm.market.klines import read_klines_parquet
+    from atm.prompting.encoders import get_encoder
+    from atm.prompting.template import Template
+
+    df = read_klines_parquet(klines)
+    enc, tpl = get_encoder("seed-json-compat"), Template.load(template)
+    head, tail = tpl.user_parts()
+    adv = pa.array(["BUY", "NOOP", "SELL"])
+    rows = np.arange(enc.lookback, len(df))
+    rng = np.random.default_rng(0)
+    t0 = time.perf_counter()
+    for c0 in range(0, len(rows), chunk_rows):
+        r = rows[c0:c0 + chunk_rows]
+        users = pc.binary_join_element_wise(head, enc.encode_arrow(df, r), tail, "")
+        ch = enc.answer_changes_arrow(df, r)
+        a = pa.array(rng.integers(0, 3, len(r)))
+        chosen = tpl.answers_arrow(adv.take(a), ch)
+        rejected = tpl.answers_arrow(adv.take(pa.array((a.to_numpy() + 1) % 3)), enc.rejected_changes_arrow(ch))
+        assert len(users) == len(chosen) == len(rejected)
+    return len(rows) / (time.perf_counter() - t0)
 
 
 def run_child(klines: Path, out: Path, chunk_rows: int, views: str, template: Path) -> dict:
@@ -198,12 +227,15 @@ def main() -> None:
           f"({atm_small['peak_rss_mb']:.0f} MB for {atm_small['items']:,} minutes)")
     print(f"reference (SQLite SELECT + json.dumps per minute): {last - first:,} minutes in {ref_seconds:.2f} s = "
           f"{ref_rate:,.0f} rows/s (extrapolated to {args.rows:,}: {args.rows / ref_rate:.1f} s)")
+    print(f"ATM in memory (contexts + prompts + chosen/rejected answers, no labels/splits/parquet): "
+          f"{atm['core_rows_per_s']:,.0f} rows/s = {atm['core_rows_per_s'] / ref_rate:,.0f}x the reference")
     print(f"ATM whole dataset (preference + sft + rl + items): {all_rate:,.0f} rows/s "
           f"({atm_all['seconds']:.2f} s, peak RSS {atm_all['peak_rss_mb']:.0f} MB)")
     print(f"ratio: {ratio:,.0f}x; contexts identical on {len(common):,} minutes")
     figures = [
         {"name": f"ATM build_dataset, {args.rows:,} minutes (prompts + pairs -> preference parquet)", "value": round(atm_rate), "unit": "rows/s"},
         {"name": "ATM wall time, preference pairs", "value": round(atm["seconds"], 2), "unit": "s"},
+        {"name": "ATM in memory: contexts + prompts + chosen/rejected answers (no parquet)", "value": round(atm["core_rows_per_s"]), "unit": "rows/s"},
         {"name": "ATM whole dataset (preference + sft + rl + items parquet + card)", "value": round(all_rate), "unit": "rows/s"},
         {"name": f"reference rows/s (timed on {last - first:,} minutes, extrapolated)", "value": round(ref_rate), "unit": "rows/s"},
         {"name": f"reference time extrapolated to {args.rows:,} minutes", "value": round(args.rows / ref_rate, 1), "unit": "s"},
