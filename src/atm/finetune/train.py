@@ -122,8 +122,6 @@ def _no_accelerator() -> bool:
 
 
 def _resume_checkpoint(cfg: FinetuneConfig) -> str | None:
-    from transformers.trainer_utils import get_last_checkpoint
-
     out = Path(cfg.output_dir)
     if cfg.resume is False:
         return None
@@ -134,10 +132,25 @@ def _resume_checkpoint(cfg: FinetuneConfig) -> str | None:
         return str(ckpt)
     if cfg.resume == "false":
         return None
-    last = get_last_checkpoint(str(out)) if out.is_dir() else None
+    last = last_complete_checkpoint(out)
     if last is None and cfg.resume in (True, "true"):
         raise ConfigError(f"resume: no checkpoint in {out}")
     return last
+
+
+def last_complete_checkpoint(run_dir: str | Path) -> str | None:
+    """The newest `checkpoint-N` holding a trainer_state.json (written last by the Trainer), so a
+    run killed while saving resumes from the previous, complete checkpoint."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return None
+    ckpts = []
+    for d in run_dir.glob("checkpoint-*"):
+        suffix = d.name.split("-", 1)[1]
+        if d.is_dir() and suffix.isdigit() and (d / "trainer_state.json").exists() and (
+                any(d.glob("*.safetensors"))):
+            ckpts.append((int(suffix), d))
+    return str(max(ckpts)[1]) if ckpts else None
 
 
 def make_callbacks(run_dir: Path, method: str):
