@@ -368,8 +368,9 @@ class AtmProvider(_Retrying):
         self._lock = threading.Lock()
         if self.concurrency > 1:
             self._start_server(options)
-        else:
+        if self._delegate is None:
             self.batch_size = 16
+            self._load()  # load now: a broken file fails before any item, and load time is not item time
 
     # ------------------------------------------------------------ checks
     def _check_template(self, options: dict[str, Any]) -> dict[str, Any]:
@@ -390,7 +391,6 @@ class AtmProvider(_Retrying):
         if binary is None:
             self._note("llama-server not found (build it with `atm doctor --build`): ran in process, one request at a time")
             self.concurrency = 1
-            self.batch_size = 16
             return
         import socket
         import urllib.request
