@@ -184,7 +184,7 @@ def run_gguf(entry: Entry, ref: list[dict], schema: dict[str, Any], max_tokens: 
             m = row.max()
             lps.append(float(row[t] - m - math.log(np.exp(row - m).sum())))
         toks = llm.tokenize(r["text"].encode(), add_bos=True, special=True)
-        llm.reset()
+        # no reset: the prompt is already in the KV cache, llama-cpp-python reuses the prefix
         comp = llm.create_completion(prompt=r["ids"], max_tokens=max_tokens, temperature=0.0,
                                      grammar=grammar, seed=0)
         text = comp["choices"][0]["text"]

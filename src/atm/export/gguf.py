@@ -181,6 +181,7 @@ def _stage_model_dir(model_dir: Path, stage: Path) -> None:
         conf = _read_json(tc)
         if isinstance(conf.get("chat_template"), str):
             conf["chat_template"] = clean_chat_template(conf["chat_template"])
+        conf.update(_special_token_flags(model_dir, conf))
         (stage / tc.name).write_text(json.dumps(conf, indent=2))
     cj = model_dir / "chat_template.jinja"
     if cj.is_file():
@@ -191,6 +192,48 @@ def _stage_model_dir(model_dir: Path, stage: Path) -> None:
         if isinstance(data.get("chat_template"), str):
             data["chat_template"] = clean_chat_template(data["chat_template"])
         (stage / cjs.name).write_text(json.dumps(data))
+
+
+def _special_token_flags(model_dir: Path, conf: dict[str, Any]) -> dict[str, bool]:
+    """``add_bos_token`` / ``add_eos_token`` for the GGUF, made explicit.
+
+    When tokenizer_config.json does not say (transformers 5 no longer writes the flags), llama.cpp
+    assumes a SentencePiece vocab adds bos, while the HF tokenizer may not; and a chat template
+    that writes ``{{ bos_token }}`` itself would then get a second bos in llama-server (it renders
+    the template, then tokenizes with special tokens added). The GGUF adds bos only if the HF
+    tokenizer adds it to plain text and the chat template does not already write it.
+    """
+    tj = model_dir / "tokenizer.json"
+    if not tj.is_file():
+        return {}
+    try:
+        import tokenizers
+
+        tok = tokenizers.Tokenizer.from_file(str(tj))
+    except Exception:  # noqa: BLE001 - an exotic tokenizer: leave the converter's defaults
+        return {}
+    bos, eos = _token_text(conf.get("bos_token")), _token_text(conf.get("eos_token"))
+    ids = tok.encode("a", add_special_tokens=True).ids
+    bos_id = tok.token_to_id(bos) if bos else None
+    eos_id = tok.token_to_id(eos) if eos else None
+    flags = {}
+    if "add_bos_token" not in conf:
+        adds_bos = bos_id is not None and bool(ids) and ids[0] == bos_id
+        template = conf.get("chat_template") if isinstance(conf.get("chat_template"), str) \
+            else hf_chat_template(model_dir)
+        if adds_bos and template and bos:
+            from atm.export.modelfile import _render_jinja
+
+            try:
+                rendered = _render_jinja(clean_chat_template(template), [{"role": "user", "content": "a"}],
+                                         True, bos, eos or "")
+                adds_bos = not rendered.startswith(bos)
+            except Exception:  # noqa: BLE001
+                pass
+        flags["add_bos_token"] = adds_bos
+    if "add_eos_token" not in conf:
+        flags["add_eos_token"] = eos_id is not None and bool(ids) and ids[-1] == eos_id
+    return flags
 
 
 def clean_chat_template(text: str) -> str:
@@ -451,8 +494,8 @@ def export_gguf(model_dir: str | Path, name: str = "atm", quants: Sequence[str] 
     """
     model_dir = Path(model_dir).expanduser().resolve()
     check_name(name)
-    check_model_dir(model_dir)
     qlist = parse_quants(quants)
+    check_model_dir(model_dir)
     reg = Registry(home)
     meta = read_atm_model(model_dir)
     config = _read_json(model_dir / "config.json")
