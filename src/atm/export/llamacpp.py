@@ -313,6 +313,8 @@ def _run_logged(cmd: list[str], log, quiet: bool) -> None:
         log.write(line)
         tail = (tail + [line])[-30:]
         m = pct_re.match(line)
+        if m:
+            log.flush()  # so `tail atm-build.log` shows where a long build is
         if m and bar is not None:
             pct = int(m.group(1)) if m.group(1) else int(100 * int(m.group(2)) / max(int(m.group(3)), 1))
             if pct > last:
