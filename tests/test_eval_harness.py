@@ -280,3 +280,24 @@ def test_every_suite_loads():
     assert suites
     for s in suites:
         SuiteConfig.load(s)
+
+
+def test_report_over_several_runs_and_partial_run(sample_dataset, tmp_path):
+    """`atm-eval report A B` writes one report with a section per run; a run whose model stopped
+    early is reported as INCOMPLETE over the items it answered, not silently as complete."""
+    from atm.eval.harness import read_results, run_eval
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    run_eval(["baseline:majority"], _suite(), a, data=str(sample_dataset), limit=200, quiet=True, report=False)
+    run_eval(["baseline:momentum"], _suite(), b, data=str(sample_dataset), limit=300, quiet=True, report=False)
+    f = next(p for p in (b / "predictions").glob("*.jsonl") if "momentum" in p.name)
+    lines = f.read_bytes().splitlines(keepends=True)
+    f.write_bytes(b"".join(lines[:250]))
+    assert len(read_results(f)) == 250
+    out = tmp_path / "both"
+    p = _cli("report", str(a), str(b), "--out", str(out))
+    assert "verdict: baseline:majority is" in p.stdout
+    md = (out / "report.md").read_text()
+    assert md.count("# ATM evaluation") == 2
+    assert "INCOMPLETE" in md and "baseline:momentum (250/300)" in md
+    assert (out / "report.html").stat().st_size > 10_000

@@ -163,3 +163,24 @@ def test_openai_and_ollama_providers_against_atm_serve(tiny_merged, sample_datas
         assert all(x["probs"] for x in recs if x["valid"]) or "no logprobs" in (r["note"] or "")
     finally:
         srv.stop()
+
+
+@pytest.mark.slow
+@pytest.mark.native
+def test_atm_concurrency_runs_a_llama_server_engine(tiny_gguf, sample_dataset, tmp_path):
+    from atm.eval.harness import run_eval
+    from atm.export.llamacpp import find_tool
+
+    if find_tool("llama-server") is None:
+        pytest.skip("llama-server is not built here (atm doctor --build builds it)")
+    m = run_eval(["atm:q8"], _suite(), tmp_path / "srv", data=str(sample_dataset), limit=16, concurrency=4,
+                 with_baselines=False, quiet=True)
+    man = json.loads((tmp_path / "srv" / "manifest.json").read_text())
+    assert man["models"]["atm:q8"]["describe"]["engine"] == "llama-server"
+    r = m["models"]["atm:q8"]
+    assert r["n"] == 16 and r["failed"] == 0 and r["validity"]["rate"] == 1.0
+    # the engine process is gone when the run ends
+    import subprocess as sp
+
+    out = sp.run(["pgrep", "-af", str(man["models"]["atm:q8"]["describe"]["path"])], capture_output=True, text=True)
+    assert "llama-server" not in out.stdout

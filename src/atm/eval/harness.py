@@ -673,12 +673,9 @@ def _references(spec: str, results: dict[str, Any]) -> list[str]:
 
 
 def _is_candidate(spec: str, results: dict[str, Any]) -> bool:
-    kinds = {r["kind"] for r in results.values()}
-    k = results[spec]["kind"]
-    if "llm" in kinds:
-        return k == "llm"
-    if "classic" in kinds:
-        return k == "classic"
+    """Models that get a verdict: every LLM and classic model; with baselines alone, the requested ones."""
+    if any(r["kind"] != "baseline" for r in results.values()):
+        return results[spec]["kind"] != "baseline"
     return bool(results[spec].get("user"))
 
 

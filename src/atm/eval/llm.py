@@ -398,7 +398,7 @@ class AtmProvider(_Retrying):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        n_ctx = int(self.gen["n_ctx"])
+        n_ctx = self._n_ctx()
         cmd = [str(binary), "-m", str(self.entry.path), "--host", "127.0.0.1", "--port", str(port),
                "-np", str(self.concurrency), "-c", str(n_ctx * self.concurrency), "--jinja", "--no-webui",
                "-a", self.entry.ref, "--log-colors", "off"]
@@ -432,12 +432,17 @@ class AtmProvider(_Retrying):
                                         f"{self.entry.ref}@http://127.0.0.1:{port}/v1", **opts)
         self.batch_size = self._delegate.batch_size
 
+    def _n_ctx(self) -> int:
+        """The suite's context size, capped at the model's trained context."""
+        n = int(self.gen["n_ctx"])
+        return min(n, int(self.entry.context_length)) if self.entry.context_length else n
+
     def _load(self):
         if self._llm is None:
             llama_cpp = require("llama_cpp", "eval", "llama-cpp-python")
             # OMP_NUM_THREADS caps threads too: on a loaded 2-core box 2 threads ran ~8x slower than 1
             threads = self.gen.get("threads") or int(os.environ.get("OMP_NUM_THREADS") or 0) or os.cpu_count() or 1
-            self._llm = llama_cpp.Llama(model_path=str(self.entry.path), n_ctx=int(self.gen["n_ctx"]),
+            self._llm = llama_cpp.Llama(model_path=str(self.entry.path), n_ctx=self._n_ctx(),
                                         n_threads=threads, n_threads_batch=threads, n_batch=512,
                                         seed=0, verbose=False)
             self._grammar, self._change_grammar = grammars(llama_cpp, self.schema)
