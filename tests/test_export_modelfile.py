@@ -261,3 +261,27 @@ def test_write_modelfiles_names_and_ollama_absent(kshot_entry, tmp_path):
     if shutil.which("ollama") is None:
         with pytest.raises(AtmError, match="no `ollama` binary on PATH"):
             ollama_create(kshot_entry, paths[1])
+
+
+def test_modelfiles_of_the_exported_tiny_model(tiny_gguf, tiny_merged, sample_dataset, tmp_path):
+    """On the real export: FROM names the registered file, and Ollama's rendering of a verify
+    prompt through TEMPLATE + SYSTEM + MESSAGE equals the HF chat template's rendering."""
+    from transformers import AutoTokenizer
+
+    from atm.export.check import load_verify_prompts
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_merged))
+    paths = write_modelfiles(tiny_gguf, tmp_path / "modelfiles")
+    assert [p.name for p in paths] == ["atm-f16.Modelfile", "atm-q8.Modelfile", "atm-q4.Modelfile"]
+    for entry, path in zip(tiny_gguf, paths):
+        cmds = parse_modelfile(path.read_text())
+        assert cmds[0] == ("FROM", entry.path)
+        go_src = dict(cmds)["TEMPLATE"]
+        history = [{"role": "system", "content": dict(cmds)["SYSTEM"]}] + [
+            {"role": v.split(" ", 1)[0], "content": v.split(" ", 1)[1]} for c, v in cmds if c == "MESSAGE"]
+        for p in load_verify_prompts(sample_dataset, 3):
+            msgs = p["messages"]
+            n_prefix = len(history)
+            assert msgs[:n_prefix] == history  # SYSTEM and MESSAGE lines are the training prefix
+            got = render_go(go_src, [{"Role": m["role"], "Content": m["content"]} for m in msgs])
+            assert got == tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)

@@ -328,6 +328,18 @@ def _run_logged(cmd: list[str], log, quiet: bool) -> None:
                        f"full log: {log.name}")
 
 
+def tool_version(exe: str | Path) -> str | None:
+    """The ``version: N (commit)`` line a llama.cpp binary prints with ``--version``."""
+    try:
+        proc = subprocess.run([str(exe), "--version"], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    for line in (proc.stdout + proc.stderr).splitlines():
+        if line.lower().startswith("version"):
+            return line.split(":", 1)[-1].strip()
+    return None
+
+
 def describe() -> dict[str, object]:
     """What ``atm doctor`` prints about llama.cpp: versions, paths, found or not."""
     out: dict[str, object] = dict(version_info())
@@ -348,5 +360,7 @@ def describe() -> dict[str, object]:
         except AtmError as exc:
             p = f"error: {exc}"
         out[tool] = str(p) if p else "not found (atm doctor --build)"
+        if p and tool == "llama-server":
+            out["llama-server version"] = tool_version(p)
     out["cmake"] = shutil.which("cmake")
     return out
