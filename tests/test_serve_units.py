@@ -13,17 +13,27 @@ from atm.serve.engines import llama_safe_schema
 
 
 @pytest.mark.parametrize("rx,safe", [
-    (r"^-?\d+\.\d{8}$", r"^-?\d+[.]\d{8}$"),
+    (r"^-?\d+\.\d{8}$", r"^-?[0-9]+[.][0-9]{8}$"),
     (r"[\.a-z]+", r"[.a-z]+"),
     (r"a\\.b", r"a\\.b"),          # an escaped backslash followed by any char: unchanged
     (r"x[.]y", r"x[.]y"),
     (r"\.\.", r"[.][.]"),
+    (r"[\d.]+\w", r"[0-9.]+[0-9A-Za-z_]"),
+    (r"^\s*\S\D$", r"^[ \t\n\r]*[^ \t\n\r][^0-9]$"),
+    (r"a\/b\:c", r"a/b:c"),
 ])
-def test_dot_rewrite_keeps_meaning(rx, safe):
+def test_regex_rewrite_keeps_meaning(rx, safe):
+    """llama.cpp silently accepts any string for \\d, \\w, \\s: rewritten into classes it enforces."""
     out = llama_safe_schema({"type": "string", "pattern": rx})["pattern"]
     assert out == safe
-    for s in ("1.5", "a.b", "a\\.b", "x.y", "..", "abc", "-12.12345678"):
+    for s in ("1.5", "a.b", "a\\.b", "x.y", "..", "abc", "-12.12345678", " 9x", "a/b:c", "7_", "a"):
         assert bool(re.search(rx, s)) == bool(re.search(out, s)), s
+
+
+@pytest.mark.parametrize("rx", [r"\bword\b", r"(a)\1", r"\p{L}"])
+def test_regex_llama_cannot_enforce_is_an_error(rx):
+    with pytest.raises(ValueError, match="cannot be enforced"):
+        llama_safe_schema({"pattern": rx})
 
 
 def test_dot_rewrite_is_deep_and_copies():

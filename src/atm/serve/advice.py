@@ -186,7 +186,10 @@ def class_probs(resp: dict[str, Any], text: str) -> dict[str, float] | None:
         return None
     if not content:
         return None
-    m = _ADVICE_KEY.search(text)
+    # offsets in the generated tokens themselves: the message content may be trimmed of the
+    # leading whitespace the tokens carry
+    joined = "".join(tok.get("token", "") for tok in content)
+    m = _ADVICE_KEY.search(joined)
     if not m:
         return None
     start = m.end()
@@ -239,18 +242,25 @@ async def advise(request, m, req, settings, call_cancellable) -> dict[str, Any]:
                                 "temperature": req.temperature, "json_schema": schema}
     if req.seed is not None:
         internal["seed"] = req.seed
-    want_probs = req.probs and m.engine.supports_logprobs and settings.top_logprobs > 0
-    if want_probs:
+    probe = getattr(m.engine, "class_probs", None)  # llama-server: exact, after the grammar
+    want_logprobs = (req.probs and probe is None and m.engine.supports_logprobs
+                     and settings.top_logprobs > 0)
+    if want_logprobs:
         internal["logprobs"] = True
         internal["top_logprobs"] = settings.top_logprobs
     t0 = time.perf_counter()
+    probs = None
     async with m.engine.admit():
         resp = await call_cancellable(request, m.engine.chat(internal))
+        choice = (resp.get("choices") or [{}])[0]
+        text = (choice.get("message") or {}).get("content") or ""
+        key = _ADVICE_KEY.search(text)
+        if req.probs and probe is not None and key is not None:
+            probs = await call_cancellable(request, probe(messages, text[: key.end()], ADVICES))
     gen_ms = (time.perf_counter() - t0) * 1000
-    choice = (resp.get("choices") or [{}])[0]
-    text = (choice.get("message") or {}).get("content") or ""
     parsed = parse_advice(text)
-    probs = class_probs(resp, text) if want_probs else None
+    if want_logprobs:
+        probs = class_probs(resp, text)
     if not isinstance(resp, dict):  # pragma: no cover - engines return dicts
         raise EngineError("engine returned no response", 502)
     last_open = df["open_time"].iloc[-1]

@@ -759,7 +759,11 @@ def create_app(settings: ServeSettings, served: dict | None = None):
                 "eval_count": usage.get("completion_tokens", 0),
                 "eval_duration": int(timings.get("predicted_ms", 0) * 1e6)}
 
-    def ndjson(m, stream, cm, t_start: float, chat: bool) -> StreamingResponse:
+    def ndjson(m, stream, cm, t_start: float, chat: bool, as_chat: bool | None = None) -> StreamingResponse:
+        """Ollama NDJSON from an engine stream; ``chat``: the engine stream is chat chunks (delta),
+        ``as_chat``: answer /api/chat shapes (message) rather than /api/generate (response)."""
+        as_chat = chat if as_chat is None else as_chat
+
         async def body() -> AsyncIterator[bytes]:
             last: dict[str, Any] = {}
             finish = None
@@ -774,12 +778,12 @@ def create_app(settings: ServeSettings, served: dict | None = None):
                         finish = ch.get("finish_reason") or finish
                         text = (ch.get("delta") or {}).get("content") if chat else ch.get("text")
                         if text:
-                            piece = ({"message": {"role": "assistant", "content": text}} if chat
+                            piece = ({"message": {"role": "assistant", "content": text}} if as_chat
                                      else {"response": text})
                             yield dumps({"model": m.name, "created_at": _now_iso(), **piece,
                                          "done": False}) + b"\n"
                 final = ollama_final(m, {**last, "choices": [{"finish_reason": finish}]}, t_start,
-                                     {"message": {"role": "assistant", "content": ""}} if chat
+                                     {"message": {"role": "assistant", "content": ""}} if as_chat
                                      else {"response": ""})
                 yield dumps(final) + b"\n"
             except EngineError as exc:
@@ -847,7 +851,7 @@ def create_app(settings: ServeSettings, served: dict | None = None):
         if req.stream:
             internal["stream_options"] = {"include_usage": True}
             stream, cm = await open_stream(m, scall, internal)
-            return ndjson(m, stream, cm, t0, chat=chat)
+            return ndjson(m, stream, cm, t0, chat=chat, as_chat=False)
         resp = await run_engine(request, m, call, internal, "/api/generate")
         if isinstance(resp, Response):
             return resp

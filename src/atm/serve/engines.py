@@ -90,19 +90,23 @@ def free_port() -> int:
 # JSON Schema preparation
 
 def llama_safe_schema(schema: Any) -> Any:
-    """A copy of ``schema`` whose regex ``pattern`` strings avoid ``\\.``.
+    """A copy of ``schema`` whose regexes (``pattern``, ``patternProperties``) llama.cpp enforces.
 
-    llama.cpp's schema-to-grammar converters have mishandled an escaped dot (the Python one emits
-    a grammar its parser rejects and the stock server segfaults, FIELD-NOTES); ``[.]`` means the
-    same and is safe everywhere. Inside a character class ``\\.`` becomes a plain ``.``.
+    llama.cpp's schema-to-grammar converter knows few regex escapes: on ``\\d``, ``\\w``, ``\\s``
+    it logs a warning and **accepts any string**, so a pattern like ``^\\d+\\.\\d{8}$`` would
+    silently not constrain anything; its Python twin emits ``\\.`` in a form its grammar parser
+    rejects (the stock server segfaults, FIELD-NOTES). Rewritten here into forms it handles:
+    ``\\.`` -> ``[.]``, ``\\d`` -> ``[0-9]``, ``\\w`` -> ``[0-9A-Za-z_]``, ``\\s`` -> ``[ \\t\\n\\r]``
+    (and their negations), escaped punctuation to the literal. A regex feature it cannot enforce
+    (``\\b``, back-references, ``\\p{..}`` ...) raises ``ValueError`` rather than being ignored.
     """
     if isinstance(schema, dict):
         out = {}
         for k, v in schema.items():
             if k == "pattern" and isinstance(v, str):
-                out[k] = _dot_safe_regex(v)
+                out[k] = llama_regex(v)
             elif k == "patternProperties" and isinstance(v, dict):
-                out[k] = {_dot_safe_regex(pk): llama_safe_schema(pv) for pk, pv in v.items()}
+                out[k] = {llama_regex(pk): llama_safe_schema(pv) for pk, pv in v.items()}
             else:
                 out[k] = llama_safe_schema(v)
         return out
@@ -111,18 +115,43 @@ def llama_safe_schema(schema: Any) -> Any:
     return schema
 
 
-def _dot_safe_regex(rx: str) -> str:
+_CLASS_OUT = {"d": "[0-9]", "D": "[^0-9]", "w": "[0-9A-Za-z_]", "W": "[^0-9A-Za-z_]",
+              "s": "[ \\t\\n\\r]", "S": "[^ \\t\\n\\r]"}
+_CLASS_IN = {"d": "0-9", "w": "0-9A-Za-z_", "s": " \\t\\n\\r"}
+_GBNF_ESCAPES = set("trn\\\"[]-xuU")  # escapes llama.cpp's grammar parser reads itself
+_REGEX_SPECIAL = set("^$.[]()|{}*+?")  # escaped outside a class, kept escaped
+
+
+def llama_regex(rx: str) -> str:
     out: list[str] = []
     i, in_class = 0, False
     while i < len(rx):
         c = rx[i]
         if c == "\\" and i + 1 < len(rx):
             nxt = rx[i + 1]
-            if nxt == ".":
-                out.append("." if in_class else "[.]")
-            else:
-                out.append(c + nxt)
             i += 2
+            if in_class:
+                if nxt == ".":
+                    out.append(".")
+                elif nxt in _CLASS_IN:
+                    out.append(_CLASS_IN[nxt])
+                elif nxt in _GBNF_ESCAPES:
+                    out.append("\\" + nxt)
+                elif not nxt.isalnum():
+                    out.append(nxt)  # \/ \: \. ... are the plain character in a class
+                else:
+                    raise ValueError(f"pattern {rx!r}: \\{nxt} inside [...] cannot be enforced by llama.cpp")
+            else:
+                if nxt == ".":
+                    out.append("[.]")
+                elif nxt in _CLASS_OUT:
+                    out.append(_CLASS_OUT[nxt])
+                elif nxt in _REGEX_SPECIAL or nxt in _GBNF_ESCAPES:
+                    out.append("\\" + nxt)
+                elif not nxt.isalnum():
+                    out.append(nxt)
+                else:
+                    raise ValueError(f"pattern {rx!r}: \\{nxt} cannot be enforced by llama.cpp's grammar")
             continue
         if c == "[" and not in_class:
             in_class = True
@@ -618,12 +647,47 @@ class LlamaServerEngine(ManagedProcessEngine):
         out["model"] = self.upstream_model
         if req.get("json_schema") is not None:
             # llama-server's native constraint; honoured by both endpoints (its /v1/completions
-            # ignores response_format). `\.` patterns rewritten to [.] on the way.
-            out["json_schema"] = llama_safe_schema(req["json_schema"])
+            # ignores response_format). Regexes rewritten into what its converter enforces.
+            try:
+                out["json_schema"] = llama_safe_schema(req["json_schema"])
+            except ValueError as exc:
+                raise EngineError(str(exc), 400, "invalid_request_error", param="response_format") from None
         elif req.get("json_object"):
             # its json_object without a schema answers 500: any JSON object is this schema
             out["json_schema"] = {"type": "object"}
         return out
+
+    async def class_probs(self, messages: list[dict[str, str]], answer_prefix: str,
+                          classes: tuple[str, ...]) -> dict[str, float] | None:
+        """P(class) of the value that follows ``answer_prefix``, under the model's distribution
+        restricted to the classes.
+
+        One extra 1-token request on the same prompt (served from the slot's prompt cache): the
+        grammar allows only the classes' first tokens, ``post_sampling_probs`` at temperature 1
+        with no top-k/top-p returns the model's probabilities renormalized over exactly those
+        tokens. (The log-probs of the generating request are taken before the grammar, so for
+        an undertrained model the classes are often not even among the top alternatives.)
+        """
+        root = HTTPUpstream(f"http://127.0.0.1:{self.port}", who=f"{self.kind} for {self.name}",
+                            timeout=self.request_timeout)
+        try:
+            prompt = (await root.post_json("/apply-template", {"messages": messages}))["prompt"]
+            grammar = "root ::= (" + " | ".join(json.dumps(c) for c in classes) + ")"
+            out = await root.post_json("/completion", {
+                "prompt": prompt + answer_prefix, "n_predict": 1, "n_probs": 64,
+                "post_sampling_probs": True, "temperature": 1.0, "top_k": 0, "top_p": 1.0,
+                "min_p": 0.0, "grammar": grammar, "cache_prompt": True})
+        finally:
+            await root.aclose()
+        probs = (out.get("completion_probabilities") or [{}])[0].get("top_probs") or []
+        mass = {c: 0.0 for c in classes}
+        for alt in probs:
+            tok = alt.get("token", "")
+            hits = [c for c in classes if tok and c.startswith(tok)]
+            if len(hits) == 1:
+                mass[hits[0]] += float(alt.get("prob", 0.0))
+        total = sum(mass.values())
+        return {c: round(v / total, 6) for c, v in mass.items()} if total > 0 else None
 
     async def metrics_text(self) -> str:
         if self.port is None or not self.ready:
