@@ -20,6 +20,9 @@ from atm.serve.testing import ServerProcess, engine_pid
 pytestmark = [pytest.mark.native, pytest.mark.slow]
 
 MSG = [{"role": "user", "content": "tell me a long story"}]
+# no answer shorter than hundreds of tokens: requests with it run to max_tokens
+LONG = {"type": "json_schema", "json_schema": {"name": "long", "schema": {
+    "type": "array", "items": {"type": "string", "minLength": 3, "maxLength": 3}, "minItems": 400}}}
 
 
 def test_engine_killed_then_restarted(tiny_gguf, atm_home, tmp_path):
@@ -34,7 +37,8 @@ def test_engine_killed_then_restarted(tiny_gguf, atm_home, tmp_path):
         def long_request():
             t0 = time.monotonic()
             r = httpx.post(srv.url + "/v1/chat/completions", timeout=60, json={
-                "model": "atm:q8", "messages": MSG, "max_tokens": 900, "temperature": 1.0})
+                "model": "atm:q8", "messages": MSG, "max_tokens": 900, "temperature": 1.0,
+                "response_format": LONG})
             with lock:
                 results.append((r.status_code, r.headers.get("Retry-After"), time.monotonic() - t0))
 

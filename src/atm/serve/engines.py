@@ -615,6 +615,7 @@ class LlamaServerEngine(ManagedProcessEngine):
         self.threads = threads
         self.binary = Path(binary) if binary else None
         self.props: dict[str, Any] = {}
+        self.root: HTTPUpstream | None = None
 
     def _binary(self) -> Path:
         if self.binary is None:
@@ -632,9 +633,13 @@ class LlamaServerEngine(ManagedProcessEngine):
         return cmd + self.extra_args
 
     async def _after_ready(self) -> None:
+        if self.root is not None:
+            await self.root.aclose()
+        # the server's own routes (/apply-template, /completion, /props), beside its /v1 API
+        self.root = HTTPUpstream(f"http://127.0.0.1:{self.port}", who=f"{self.kind} for {self.name}",
+                                 timeout=self.request_timeout)
         try:
-            assert self.http is not None
-            props = await HTTPUpstream(f"http://127.0.0.1:{self.port}", self.kind, timeout=10).get_json("/props")
+            props = await self.root.get_json("/props", timeout=10.0)
         except EngineError:
             props = {}
         self.props = props if isinstance(props, dict) else {}
@@ -668,17 +673,14 @@ class LlamaServerEngine(ManagedProcessEngine):
         tokens. (The log-probs of the generating request are taken before the grammar, so for
         an undertrained model the classes are often not even among the top alternatives.)
         """
-        root = HTTPUpstream(f"http://127.0.0.1:{self.port}", who=f"{self.kind} for {self.name}",
-                            timeout=self.request_timeout)
-        try:
-            prompt = (await root.post_json("/apply-template", {"messages": messages}))["prompt"]
-            grammar = "root ::= (" + " | ".join(json.dumps(c) for c in classes) + ")"
-            out = await root.post_json("/completion", {
-                "prompt": prompt + answer_prefix, "n_predict": 1, "n_probs": 64,
-                "post_sampling_probs": True, "temperature": 1.0, "top_k": 0, "top_p": 1.0,
-                "min_p": 0.0, "grammar": grammar, "cache_prompt": True})
-        finally:
-            await root.aclose()
+        self.check_ready()
+        assert self.root is not None
+        prompt = await self.apply_template(messages)
+        grammar = "root ::= (" + " | ".join(json.dumps(c) for c in classes) + ")"
+        out = await self.root.post_json("/completion", {
+            "prompt": prompt + answer_prefix, "n_predict": 1, "n_probs": 64,
+            "post_sampling_probs": True, "temperature": 1.0, "top_k": 0, "top_p": 1.0,
+            "min_p": 0.0, "grammar": grammar, "cache_prompt": True})
         probs = (out.get("completion_probabilities") or [{}])[0].get("top_probs") or []
         mass = {c: 0.0 for c in classes}
         for alt in probs:
@@ -688,6 +690,66 @@ class LlamaServerEngine(ManagedProcessEngine):
                 mass[hits[0]] += float(alt.get("prob", 0.0))
         total = sum(mass.values())
         return {c: round(v / total, 6) for c, v in mass.items()} if total > 0 else None
+
+    async def apply_template(self, messages: list[dict[str, str]]) -> str:
+        """The prompt text of ``messages`` under the GGUF's chat template (llama-server renders it)."""
+        self.check_ready()
+        assert self.root is not None
+        return (await self.root.post_json("/apply-template", {"messages": messages}))["prompt"]
+
+    # Schema-constrained chat goes through /v1/completions on the templated prompt: llama-server's
+    # chat endpoint re-parses a constrained answer after generation and answers 500 ("does not
+    # match the expected ... format") when max_tokens cut it short; the completion endpoint
+    # returns the cut text with finish_reason "length", as the OpenAI API does.
+    def _as_completion(self, req: dict[str, Any], prompt: str) -> dict[str, Any]:
+        creq = {k: v for k, v in req.items() if k not in ("messages", "logprobs", "top_logprobs")}
+        creq["prompt"] = prompt
+        if req.get("logprobs"):
+            creq["logprobs"] = req.get("top_logprobs") or 1
+        return creq
+
+    @staticmethod
+    def _chat_from_completion(resp: dict[str, Any]) -> dict[str, Any]:
+        choices = [{"index": c.get("index", 0), "finish_reason": c.get("finish_reason"),
+                    "message": {"role": "assistant", "content": c.get("text", "")},
+                    "logprobs": c.get("logprobs")} for c in resp.get("choices") or []]
+        return {**resp, "object": "chat.completion", "choices": choices}
+
+    async def chat(self, req: dict[str, Any]) -> dict[str, Any]:
+        if req.get("json_schema") is None and not req.get("json_object"):
+            return await super().chat(req)
+        prompt = await self.apply_template(req["messages"])
+        return self._chat_from_completion(await self.completion(self._as_completion(req, prompt)))
+
+    async def chat_stream(self, req: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        if req.get("json_schema") is None and not req.get("json_object"):
+            return await super().chat_stream(req)
+        prompt = await self.apply_template(req["messages"])
+        src = await self.completion_stream(self._as_completion(req, prompt))
+
+        async def gen():
+            first = True
+            try:
+                async for chunk in src:
+                    choices = []
+                    for c in chunk.get("choices") or []:
+                        delta: dict[str, Any] = {"role": "assistant"} if first else {}
+                        if c.get("text"):
+                            delta["content"] = c["text"]
+                        choices.append({"index": c.get("index", 0), "delta": delta,
+                                        "finish_reason": c.get("finish_reason"),
+                                        "logprobs": c.get("logprobs")})
+                        first = False
+                    yield {**chunk, "object": "chat.completion.chunk", "choices": choices}
+            finally:
+                await src.aclose()
+        return gen()
+
+    async def _stop(self) -> None:
+        await super()._stop()
+        if self.root is not None:
+            await self.root.aclose()
+            self.root = None
 
     async def metrics_text(self) -> str:
         if self.port is None or not self.ready:
