@@ -321,7 +321,8 @@ def build_doc(metrics: dict[str, Any], run_dir: Path, bt: dict[str, Any] | None,
         ci = r.get("ci", {})
         sc = r.get("score", {})
         cal = r.get("calibration", {})
-        rows.append([f"`{spec}`", r.get("mode") or "", f"{r['n']:,}", _f(r["validity"]["rate"], pct=True),
+        mode = (r.get("mode") or "") if r["kind"] == "llm" else "-"
+        rows.append([f"`{spec}`", mode, f"{r['n']:,}", _f(r["validity"]["rate"], pct=True),
                      _f(r.get("balanced_accuracy")) + _ci(ci.get("balanced_accuracy")),
                      _f(r.get("accuracy")) + _ci(ci.get("accuracy")),
                      _f(r.get("macro_f1")) + _ci(ci.get("macro_f1")),
