@@ -220,7 +220,7 @@ class AdviceRequest(_Req):
     temperature: float = Field(default=0.0, ge=0, le=2)
     seed: int | None = None
     probs: bool = True
-    max_tokens: int = Field(default=96, ge=8, le=1024)
+    max_tokens: int = Field(default=160, ge=8, le=1024)  # ~25 tokens + the whitespace the grammar allows
 
 
 # =============================================================================================
