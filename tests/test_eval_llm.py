@@ -79,8 +79,8 @@ def test_atm_loglik_probabilities_match_full_evaluation(tiny_gguf, sample_datase
     ref = llama_cpp.Llama(str(prov.entry.path), n_ctx=2048, n_threads=1, logits_all=True, verbose=False)
     for r in recs[:3]:
         prompt, add_bos = prov._prompt_text(items[r["id"]]["prompt"])
-        change = "%.8f" % r["predicted_change"]
-        seqs = {a: ref.tokenize((prompt + ' {"predicted_open_change": "' + change + '", "advice": "' + a + '"}').encode(),
+        change = json.loads(r["raw"])["predicted_open_change"]  # the decoded string (a float loses digits)
+        seqs = {a: ref.tokenize((prompt + '{"predicted_open_change": "' + change + '", "advice": "' + a + '"}').encode(),
                                 add_bos=add_bos, special=True) for a in ("BUY", "NOOP", "SELL")}
         shared = 0
         while all(len(s) > shared for s in seqs.values()) and len({s[shared] for s in seqs.values()}) == 1:
