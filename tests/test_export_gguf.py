@@ -139,6 +139,16 @@ def test_not_a_model_dir_is_a_clear_error(tmp_path):
         export_gguf(tmp_path / "adapter", quants="q3", home=tmp_path / "h")
 
 
+@pytest.mark.parametrize("tool", [None, "auto"], ids=["llama_cpp-binding", "llama-quantize-or-binding"])
+def test_quantize_engines_agree(tmp_path, tiny_gguf, tool):
+    q8 = {e.tag: e for e in tiny_gguf}["q8"]
+    info = quantize(tiny_gguf[0].path, tmp_path / "q8.gguf", QUANTS["q8_0"], threads=1, tool=tool)
+    assert info["engine"].endswith("llama-quantize") or info["engine"] == "llama_cpp.llama_model_quantize"
+    if tool is None:
+        assert info["engine"] == "llama_cpp.llama_model_quantize"
+    assert inspect_gguf(tmp_path / "q8.gguf")["tensor_types"] == q8.tensor_types
+
+
 def test_failed_quantization_leaves_no_file(tmp_path, tiny_gguf):
     dst = tmp_path / "out" / "q4.gguf"
     with pytest.raises(AtmError, match="quantizing f16.gguf to Q4_K_M failed"):
