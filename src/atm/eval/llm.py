@@ -225,7 +225,7 @@ class OpenAIProvider(_Retrying):
         kw: dict[str, Any] = {}
         want_lp = mode == "loglik" and not self._no_logprobs
         if want_lp:
-            kw.update(logprobs=True, top_logprobs=10)
+            kw.update(logprobs=True, top_logprobs=20)
         t0 = time.perf_counter()
         try:
             resp = self.client.chat.completions.create(
@@ -258,11 +258,17 @@ class OpenAIProvider(_Retrying):
                 probs = self._probs_from_logprobs(raw or "", content)
                 if probs:
                     pred.probs = probs
-                    pred.extra["probs_from"] = "top_logprobs at the advice token"
+                    pred.extra["probs_from"] = "top-20 logprobs at the advice token (options outside the top 20 get 0)"
         return pred
 
     def _probs_from_logprobs(self, raw: str, content: list) -> dict[str, float] | None:
-        """Probabilities of the advice options from the top alternatives at the advice value's first token."""
+        """Probabilities of the advice options from the top alternatives at the advice value's first token.
+
+        Offsets are taken in the concatenated token texts (servers may return a leading word-start
+        space the message content has stripped). Options absent from the top-k get 0 (a top-k
+        approximation, stated in the manifest).
+        """
+        raw = "".join(tok.token for tok in content)
         key = '"advice"'
         k = raw.find(key)
         if k < 0:
@@ -366,10 +372,8 @@ class AtmProvider(_Retrying):
         self._grammar = None
         self._change_grammar = None
         self._lock = threading.Lock()
-        if self.concurrency > 1:
-            self._start_server(options)
-        if self._delegate is None:
-            self.batch_size = 16
+        self.batch_size = 16 if self.concurrency == 1 else 4 * self.concurrency
+        if self.concurrency == 1:
             self._load()  # load now: a broken file fails before any item, and load time is not item time
 
     # ------------------------------------------------------------ checks
@@ -566,7 +570,15 @@ class AtmProvider(_Retrying):
 
     # ------------------------------------------------------------ dispatch
     def predict_iter(self, items: Sequence[dict], mode: str = "generate") -> Iterator[Prediction]:
-        if self._delegate is not None:
+        # loglik always runs in process: exact option log-probs from the logits (a server only returns
+        # top-k logprobs of a generated answer, no faster); --concurrency serves generate mode.
+        if mode == "generate" and self.concurrency > 1 and self._delegate is None and self._server is None:
+            self._start_server(self.options)
+        if mode == "loglik" and self.concurrency > 1:
+            self._note("loglik ran in process (exact option log-probs); --concurrency applies to generate")
+            self.concurrency = 1
+            self._load()
+        if self._delegate is not None and mode == "generate":
             yield from self._delegate.predict_iter(items, mode)
             if self._delegate.mode_note:
                 self._note(self._delegate.mode_note)
