@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from atm.errors import AtmError, DataError, require
-from atm.export.registry import Entry, Registry
+from atm.export.registry import Entry, Registry, check_name
 from atm.utils import progress, provenance, write_json_atomic
 
 TAG_ORDER = {"f16": 0, "q8": 1, "q4": 2}
@@ -415,7 +415,8 @@ def fidelity_check(name: str = "atm", n: int = 200, home: str | Path | None = No
     report["samples"] = {"hf": [r["raw"] for r in ref[:3]], **{s["ref"]: s["raw"] for s in samples}}
     report["provenance"] = provenance({"name": name, "n": n, "data": str(data_dir), "tags": tags,
                                        "max_tokens": max_tokens})
-    out_path = Path(out) if out else reg.model_dir(name) / "fidelity.json"
+    # beside the registry, not inside models/NAME/ (every *.json there is a tag manifest)
+    out_path = Path(out) if out else reg.home / "reports" / f"{check_name(name)}-fidelity.json"
     write_json_atomic(out_path, report)
     report["report_path"] = str(out_path)
     return report

@@ -50,7 +50,7 @@ def register(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="reference HF model dir (default: the exported one)")
     p.add_argument("--max-tokens", type=int, default=64, help="answer length limit")
     p.add_argument("--threads", type=int, default=None, help="llama.cpp threads (default: min(cores, 4))")
-    p.add_argument("--out", default=None, help="report path (default: $ATM_HOME/models/NAME/fidelity.json)")
+    p.add_argument("--out", default=None, help="report path (default: $ATM_HOME/reports/NAME-fidelity.json)")
     p.add_argument("--home", default=None, help="registry root (default: $ATM_HOME or the user data dir)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--no-store", action="store_true", help="do not write the figures into the manifests")

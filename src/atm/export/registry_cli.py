@@ -73,6 +73,9 @@ def cmd_show(args: argparse.Namespace) -> int:
     if entry.fallbacks:
         print(f"  fallback tensors ({len(entry.fallbacks)}): "
               + ", ".join(f"{f['tensor']}->{f['type']}" for f in entry.fallbacks[:8]))
+    tc = entry.tokenizer_check
+    if tc and tc.get("match_rate") is not None:
+        print(f"  tokenization vs HF: {round(tc['match_rate'] * tc['n'])}/{tc['n']} sample prompts identical")
     tpl = entry.template_obj() if entry.template else None
     print(f"  prompt template: {tpl.name + f' ({len(tpl.spec.examples)} k-shot examples)' if tpl else 'none recorded'}")
     print(f"  schema: {entry.schema.get('title', 'yes') if entry.schema else 'none'}")
