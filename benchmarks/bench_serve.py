@@ -42,6 +42,7 @@ sys.path.insert(0, str(ROOT / "src"))
 from atm.serve.engines import free_port  # noqa: E402
 from atm.serve.testing import ServerProcess  # noqa: E402
 
+UBATCH = 2048  # physical batch for all three servers (atm serve's default)
 WORDS = ("market open close volume trend price minute buy sell hold signal range spread bid ask "
          "depth order book candle wick body momentum mean revert breakout support resistance").split()
 
@@ -109,13 +110,16 @@ def run_cell(url: str, model: str, prompts: list[list[dict]], conc: int, max_tok
             with lock:
                 errors.append(repr(exc))
 
-    # warm-up: one request (model pages in, threads spin up)
-    one(prompts[0])
+    # warm-up: one request per client at once (model paged in, every slot it will use has seen
+    # the workload's shared prefix, as in steady state), not timed
+    with ThreadPoolExecutor(conc) as pool:
+        list(pool.map(one, prompts[:conc]))
     lat.clear()
+    errors.clear()
     toks[0] = valid[0] = 0
     t0 = time.perf_counter()
     with ThreadPoolExecutor(conc) as pool:
-        list(pool.map(one, prompts[1:]))
+        list(pool.map(one, prompts[conc:]))
     wall = time.perf_counter() - t0
     n = len(lat)
     q = statistics.quantiles(lat, n=100, method="inclusive") if n >= 2 else [lat[0] if lat else 0.0] * 99
@@ -135,15 +139,16 @@ def start_server(kind: str, gguf: Path, name: str, parallel: int, ctx: int, thre
     if kind == "stock":
         cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1",
                "--port", str(port), "--n_ctx", str(ctx * parallel), "--n_threads", str(threads),
-               "--n_threads_batch", str(threads), "--model_alias", name]
+               "--n_threads_batch", str(threads), "--model_alias", name,
+               "--n_batch", str(UBATCH), "--n_ubatch", str(UBATCH)]  # the same batch as llama-server
         return ServerProcess([], port, env=env, log=log, cmd=cmd, health="/v1/models")
     if kind == "bare":
         cmd = [str(require_tool("llama-server")), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port),
                "-np", str(parallel), "-c", str(ctx * parallel), "--metrics", "--jinja", "--no-webui",
-               "-a", name, "-t", str(threads), "-tb", str(threads)]
+               "-a", name, "-t", str(threads), "-tb", str(threads), "-ub", str(UBATCH), "-b", str(UBATCH)]
         return ServerProcess([], port, env=env, log=log, cmd=cmd, health="/health")
     args = ["--model", f"{name}={gguf}", "--parallel", str(parallel), "--ctx-size", str(ctx),
-            "--set", f"threads={threads}", "--set", f"log_dir={log_dir}"]
+            "--set", f"threads={threads}", "--set", f"log_dir={log_dir}", "--set", f"ubatch_size={UBATCH}"]
     return ServerProcess(args, port, env=env, log=log)
 
 
@@ -154,14 +159,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--template", default=None, help="prompt template YAML (with --gguf)")
     ap.add_argument("--klines", default=None, help="klines parquet for the advice workload "
                     "(default: built from the shipped BTCUSDT sample)")
-    ap.add_argument("--requests", type=int, default=24, help="requests per cell (after 1 warm-up)")
+    ap.add_argument("--requests", type=int, default=24, help="timed requests per cell (after one "
+                    "warm-up request per client)")
     ap.add_argument("--concurrency", default="1,4,8")
     ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds (order reversed each round)")
     ap.add_argument("--max-tokens", type=int, default=32, help="tokens per answer in workload (a)")
     ap.add_argument("--words", type=int, default=160, help="words per unique prompt in workload (a)")
     ap.add_argument("--parallel", type=int, default=8)
     ap.add_argument("--ctx", type=int, default=1024, help="context per slot")
-    ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
+    ap.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) // 2),
+                    help="threads per server (default: half the cores, llama_cpp.server's own default; "
+                    "on a shared machine fewer threads spin less at llama.cpp's barriers)")
     ap.add_argument("--servers", default="stock,bare,atm")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "serve.json"))
     args = ap.parse_args(argv)
@@ -190,8 +198,8 @@ def main(argv: list[str] | None = None) -> int:
 
         klines = work / "btcusdt.parquet"
         build_klines(ROOT / "datasets" / "samples" / "binance", "BTCUSDT", interval="1m", out=klines)
-    n = args.requests + 1
     concs = [int(c) for c in args.concurrency.split(",")]
+    n = args.requests + max(concs)  # per cell: warm-up (one per client) + timed
     servers = args.servers.split(",")
     workloads = {"unique": (unique_prompts(n * len(concs) * args.rounds, args.words, 0), args.max_tokens, None),
                  "advice": (advice_prompts(template, klines, n * len(concs) * args.rounds, 2000), 64, schema)}
@@ -209,7 +217,8 @@ def main(argv: list[str] | None = None) -> int:
                         # fresh prompts per (round, concurrency): nothing is served from a cache of
                         # an earlier cell; every server gets the very same prompts
                         k = (rnd * len(concs) + ci) * n
-                        cell = run_cell(srv.url, name, prompts[k:k + n], c, max_tokens, sch, kind == "stock")
+                        cell = run_cell(srv.url, name, prompts[k:k + args.requests + c], c, max_tokens, sch,
+                                        kind == "stock")
                         results[kind][wname][c].append(cell)
                         print(f"round {rnd + 1} {kind:5s} {wname:6s} c={c}: {cell['req_s']:.2f} req/s "
                               f"{cell['gen_tok_s']:.0f} tok/s p50 {cell['p50_ms'] or 0:.0f} ms "
@@ -260,7 +269,8 @@ def main(argv: list[str] | None = None) -> int:
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
                     "load_avg_at_start": os.getloadavg()[0] if hasattr(os, "getloadavg") else None},
         "figures": figures, "targets": targets,
-        "notes": (f"model {model_desc}; {args.requests} timed requests per cell after 1 warm-up, mean of "
+        "notes": (f"model {model_desc}; {args.requests} timed requests per cell after one warm-up request per "
+                  f"client, mean of "
                   f"{args.rounds} interleaved rounds; {args.threads} threads per server; llama-server -np "
                   f"{args.parallel} -c {args.parallel}x{args.ctx}; (a) ~{args.words}-word unique prompts, "
                   f"{args.max_tokens} new tokens, temperature 0; (b) the model's template over real BTCUSDT "

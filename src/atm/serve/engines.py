@@ -606,13 +606,14 @@ class LlamaServerEngine(ManagedProcessEngine):
     kind = "llama-server"
 
     def __init__(self, name: str, gguf: str | Path, *, ctx_size: int = 2048, threads: int | None = None,
-                 binary: str | Path | None = None, **kw: Any):
+                 binary: str | Path | None = None, ubatch_size: int = 2048, **kw: Any):
         super().__init__(name, **kw)
         self.gguf = Path(gguf)
         if not self.gguf.is_file():
             raise AtmError(f"{self.gguf}: GGUF file not found (model {name!r})")
         self.ctx_size = ctx_size
         self.threads = threads
+        self.ubatch_size = ubatch_size
         self.binary = Path(binary) if binary else None
         self.props: dict[str, Any] = {}
         self.root: HTTPUpstream | None = None
@@ -627,7 +628,8 @@ class LlamaServerEngine(ManagedProcessEngine):
     def command(self, port: int) -> list[str]:
         cmd = [str(self._binary()), "-m", str(self.gguf), "--host", "127.0.0.1", "--port", str(port),
                "-np", str(self.parallel), "-c", str(self.ctx_size * self.parallel),
-               "--metrics", "--jinja", "--no-webui", "-a", self.name, "--log-colors", "off"]
+               "--metrics", "--jinja", "--no-webui", "-a", self.name, "--log-colors", "off",
+               "-ub", str(self.ubatch_size), "-b", str(max(2048, self.ubatch_size))]
         if self.threads:
             cmd += ["-t", str(self.threads), "-tb", str(self.threads)]
         return cmd + self.extra_args

@@ -161,7 +161,7 @@ def resolve(spec: ModelSpec, settings: ServeSettings) -> ServedModel:
     if kind == "llama-server":
         assert path is not None
         engine: Engine = LlamaServerEngine(spec.name, path, ctx_size=ctx, threads=settings.threads,
-                                           **common, **managed)
+                                           ubatch_size=settings.ubatch_size, **common, **managed)
     elif kind == "transformers":
         assert path is not None
         engine = TransformersEngine(spec.name, path, ctx_size=ctx, **common)

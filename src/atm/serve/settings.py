@@ -63,6 +63,9 @@ class ServeSettings(AtmConfig):
     ctx_size: int = Field(default=2048, ge=0, description="context per slot in tokens (prompt + "
                           "answer); 0 = the model's training context")
     threads: int | None = Field(default=None, ge=1, description="CPU threads per engine (None = engine default)")
+    ubatch_size: int = Field(default=2048, ge=32, description="llama-server physical batch (-ub, and "
+                             "-b at least as large): prompts are processed this many tokens at a time; "
+                             "2048 served 1.5x the requests/s of the default 512 on the tiny model")
     max_queue: int = Field(default=64, ge=0, description="requests per model allowed to wait beyond "
                            "the busy slots; more get 429 with Retry-After")
     max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024, description="largest request body "
