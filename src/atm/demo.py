@@ -100,7 +100,21 @@ class Pipeline:
         return result
 
 
+def _quiet_libraries() -> None:
+    """Keep the demo's console to ATM's stage lines and progress bars (library chatter off)."""
+    import os
+    import warnings
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning)
+
+
 def run(args: argparse.Namespace) -> int:
+    _quiet_libraries()
     root = repo_root() or Path.cwd()
     cfg = DemoConfig.load(args.config, overrides=args.overrides)
     pipe = Pipeline(cfg, root)
@@ -198,11 +212,12 @@ def run_pipeline(pipe: Pipeline) -> int:
     pipe.stage("eval", total, ["export", "dataset"],
                {"models": cfg.eval_models, "limit": cfg.eval_limit}, evaluate)
     report = Path(pipe.results["eval"]["outputs"][0])
-    verdict_file = report.parent / "verdict.txt"
+    metrics = report.parent / "metrics.json"
     print()
     print(f"report: {report}")
-    if verdict_file.exists():
-        print(f"verdict: {verdict_file.read_text().strip()}")
+    if metrics.exists():
+        for line in json.loads(metrics.read_text()).get("verdicts", []):
+            print(f"verdict: {line}")
     return 0
 
 
