@@ -93,7 +93,7 @@ def add_config_args(p: argparse.ArgumentParser, recipe_name: str = "--config") -
     """The standard pair: a YAML file plus repeatable ``--set key=value`` overrides."""
     p.add_argument(recipe_name, dest="config", default=None, help="YAML config file")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override one config key (repeatable), e.g. --set learning_rate=1e-4")
+                   help="override one config key (repeatable), e.g. --set key=value")
 
 
 if os.environ.get("ATM_DEBUG") == "1":  # pragma: no cover
