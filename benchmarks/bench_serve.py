@@ -172,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
                     "on a shared machine fewer threads spin less at llama.cpp's barriers)")
     ap.add_argument("--servers", default="stock,bare,atm")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "serve.json"))
+    ap.add_argument("--note", default="", help="a sentence appended to the notes (context of the run)")
     args = ap.parse_args(argv)
 
     import tempfile
@@ -276,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{args.max_tokens} new tokens, temperature 0; (b) the model's template over real BTCUSDT "
                   f"minutes, 64 new tokens max under its answer schema (stock server: json_object+schema). "
                   f"Took {time.time() - t_start:.0f} s. A shared or loaded machine moves absolute numbers; "
-                  "ratios come from the same run."),
+                  "ratios come from the same run." + (f" {args.note}" if args.note else "")),
         "raw": results,
     }
     from atm.utils import write_json_atomic

@@ -595,17 +595,48 @@ def create_app(settings: ServeSettings, served: dict | None = None):
                 metrics.disconnects.labels(route).inc()
                 return Response(status_code=499)
 
+    class Admission:
+        """An engine admission held for the life of a streamed response; released exactly once."""
+
+        def __init__(self, engine):
+            self.cm = engine.admit()
+            self.held = False
+
+        async def enter(self):
+            await self.cm.__aenter__()
+            self.held = True
+
+        async def release(self):
+            if self.held:
+                self.held = False
+                await self.cm.__aexit__(None, None, None)
+
+    class Stream(StreamingResponse):
+        """Releases the admission and closes the engine stream however the response ends, even
+        when the client leaves before the first chunk (the body generator never starts then)."""
+
+        def __init__(self, content, stream, adm: "Admission", **kw):
+            super().__init__(content, **kw)
+            self._engine_stream, self._adm = stream, adm
+
+        async def __call__(self, scope, receive, send):
+            try:
+                await super().__call__(scope, receive, send)
+            finally:
+                with contextlib.suppress(BaseException):
+                    await self._engine_stream.aclose()
+                await self._adm.release()
+
     async def open_stream(m, call, internal: dict[str, Any]):
         """Admit and open the engine stream before answering 200, so errors get a status."""
-        engine = m.engine
-        cm = engine.admit()
-        await cm.__aenter__()
+        adm = Admission(m.engine)
+        await adm.enter()
         try:
             stream = await call(internal)
-        except BaseException as exc:
-            await cm.__aexit__(type(exc), exc, None)
+        except BaseException:
+            await adm.release()
             raise
-        return stream, cm
+        return stream, adm
 
     def openai_sse(m, stream, cm, t0: float) -> StreamingResponse:
         async def body() -> AsyncIterator[bytes]:
@@ -625,9 +656,9 @@ def create_app(settings: ServeSettings, served: dict | None = None):
             finally:
                 with contextlib.suppress(BaseException):
                     await stream.aclose()
-                await cm.__aexit__(None, None, None)
-        return StreamingResponse(body(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                await cm.release()
+        return Stream(body(), stream, cm, media_type="text/event-stream",
+                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     # ------------------------------------------------------------------ OpenAI
     @app.get("/v1/models")
@@ -791,8 +822,8 @@ def create_app(settings: ServeSettings, served: dict | None = None):
             finally:
                 with contextlib.suppress(BaseException):
                     await stream.aclose()
-                await cm.__aexit__(None, None, None)
-        return StreamingResponse(body(), media_type="application/x-ndjson")
+                await cm.release()
+        return Stream(body(), stream, cm, media_type="application/x-ndjson")
 
     @app.post("/api/chat")
     async def ollama_chat(request: Request):

@@ -131,7 +131,7 @@ def resolve(spec: ModelSpec, settings: ServeSettings) -> ServedModel:
     meta: dict[str, Any] = {"template_yaml": None, "schema": None, "encoder": {}}
     path: Path | None = Path(spec.path).expanduser() if spec.path else None
 
-    if kind != "remote" and path is None:
+    if kind != "remote" and path is None and not spec.upstream:
         from atm.export.registry import Registry
 
         try:
