@@ -195,7 +195,7 @@ def run_pipeline(pipe: Pipeline) -> int:
     pipe.stage("export", total, ["orpo"], {"name": cfg.name, "quants": cfg.quants}, export)
 
     def evaluate() -> dict:
-        from atm.cli import run as cli_run
+        import subprocess
 
         out = work / "eval"
         argv = ["eval", "run", "--data", ds, "--split", "verify", "--out", str(out),
@@ -204,7 +204,9 @@ def run_pipeline(pipe: Pipeline) -> int:
             argv += ["--model", m]
         if cfg.eval_limit:
             argv += ["--limit", str(cfg.eval_limit)]
-        rc = cli_run(argv)
+        # A fresh interpreter: llama.cpp's prompt evaluation runs ~25x slower in a process that
+        # has already run torch (the training stages above), so the eval gets its own process.
+        rc = subprocess.call([sys.executable, "-m", "atm", *argv])
         if rc != 0:
             raise AtmError(f"atm-eval run exited {rc}")
         return {"outputs": [str(out / "report.html")]}
