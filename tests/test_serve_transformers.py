@@ -1,0 +1,62 @@
+"""The transformers engine: the registry model's merged HF dir served in process, same API.
+
+(For GPU machines; here the plain CPU path.) Requests with equal sampling settings are decoded in
+one padded batch; the answers must equal the ones decoded alone.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import httpx
+import pytest
+
+from atm.serve.engines import free_port
+from atm.serve.testing import ServerProcess, klines_rows
+
+pytestmark = [pytest.mark.slow]
+
+
+def test_transformers_engine_serves_registry_model(tiny_gguf, tiny_merged, atm_home, btc_parquet, tmp_path):
+    import openai
+
+    port = free_port()
+    with ServerProcess(["--engine", "transformers", "--model", "atm:q8", "--parallel", "4"], port,
+                       env={"ATM_HOME": str(atm_home), "OMP_NUM_THREADS": "1"}, log=tmp_path / "serve.log") as srv:
+        health = srv.wait_ready(240)
+        assert health["models"][0]["engine"] == "transformers"
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0, timeout=120)
+        prompts = [f"question {i}" for i in range(4)]
+
+        def ask(p):
+            return client.chat.completions.create(model="atm:q8", max_tokens=6, temperature=0,
+                                                  messages=[{"role": "user", "content": p}])
+
+        alone = [ask(p).choices[0].message.content for p in prompts]
+        together: dict[int, str] = {}
+
+        def worker(i):
+            together[i] = ask(prompts[i]).choices[0].message.content
+
+        threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert [together[i] for i in range(4)] == alone  # batching changes nothing but speed
+        out = ask("hello")
+        assert out.model == "atm:q8" and out.usage.completion_tokens <= 6
+        comp = client.completions.create(model="atm:q8", prompt="<|user|>hi<|assistant|>", max_tokens=4)
+        assert isinstance(comp.choices[0].text, str)
+        chunks = list(client.chat.completions.create(model="atm:q8", max_tokens=4, stream=True,
+                                                     messages=[{"role": "user", "content": "x"}]))
+        assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+        r = httpx.post(srv.url + "/v1/advice", timeout=120,
+                       json={"model": "atm:q8", "klines": klines_rows(btc_parquet, 50, 20)})
+        assert r.status_code == 200
+        d = r.json()
+        assert d["probs"] is None  # no log-probs from this engine
+        assert d["valid"] in (True, False) and d["messages"][-1]["role"] == "user"
+        too_long = httpx.post(srv.url + "/v1/chat/completions", timeout=60, json={
+            "model": "atm:q8", "max_tokens": 4, "messages": [{"role": "user", "content": "w " * 5000}]})
+        assert too_long.status_code == 400
