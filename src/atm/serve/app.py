@@ -25,7 +25,6 @@ import json
 import math
 import re
 import time
-import uuid
 from datetime import datetime, timezone
 from typing import Any, AsyncIterator, Literal, Union
 

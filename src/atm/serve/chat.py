@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 
 ADVICES = ("BUY", "NOOP", "SELL")
 KLINE_FIELDS = ("open_time", "open", "high", "low", "close", "volume", "quote_volume", "count",
