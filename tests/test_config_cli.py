@@ -54,12 +54,17 @@ def test_bad_override_syntax_and_missing_file(tmp_path):
         Demo.load(tmp_path / "nope.yaml")
 
 
-def test_every_command_has_help_with_example():
+def test_every_command_and_verb_has_help_with_example():
+    from atm.cli import build_parser, verb_parsers
+
     for name in COMMANDS:
         proc = subprocess.run([sys.executable, "-m", "atm", name, "--help"], capture_output=True, text=True,
                               timeout=120)
         assert proc.returncode == 0, (name, proc.stderr)
-        assert "example" in proc.stdout.lower(), f"`atm {name} --help` shows no example"
+        assert "examples:" in proc.stdout, f"`atm {name} --help` shows no example"
+        stage = verb_parsers(build_parser(name)).get(name)
+        for verb, vp in verb_parsers(stage).items():
+            assert "examples:" in vp.format_help(), f"`atm {name} {verb} --help` shows no example"
 
 
 def test_atm_eval_is_atm_eval_alias():

@@ -53,7 +53,28 @@ def build_parser(wanted: str | None) -> argparse.ArgumentParser:
         if name == wanted:
             mod = importlib.import_module(module)
             mod.register(p)
+            if not p.epilog:
+                p.epilog = _examples_from_verbs(p)
     return parser
+
+
+def verb_parsers(p: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    for action in p._actions:  # argparse keeps subparsers here; there is no public accessor
+        if isinstance(action, argparse._SubParsersAction):
+            return dict(action.choices)
+    return {}
+
+
+def _examples_from_verbs(p: argparse.ArgumentParser) -> str | None:
+    """A stage's help lists the first example of each of its verbs."""
+    lines = []
+    for verb in verb_parsers(p).values():
+        epilog = verb.epilog or ""
+        body = epilog.split("examples:", 1)[1] if "examples:" in epilog else ""
+        first = next((ln.strip() for ln in body.splitlines() if ln.strip()), None)
+        if first:
+            lines.append("  " + first)
+    return "examples:\n" + "\n".join(lines) if lines else None
 
 
 def run(argv: list[str] | None = None, prog_command: str | None = None) -> int:
