@@ -98,6 +98,9 @@ def run(argv: list[str] | None = None, prog_command: str | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `atm ... | head`: the reader left; not an error of ours
+        sys.stderr.close()
+        return 0
     return int(rc or 0)
 
 
