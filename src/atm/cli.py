@@ -99,7 +99,8 @@ def run(argv: list[str] | None = None, prog_command: str | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:  # `atm ... | head`: the reader left; not an error of ours
-        sys.stderr.close()
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so the exit-time flush does not raise again
         return 0
     return int(rc or 0)
 
