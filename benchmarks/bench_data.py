@@ -115,15 +115,9 @@ def cli_build(raw: Path, out: Path) -> tuple[float, str]:
 
 
 def machine() -> str:
-    cpu = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}, Python {platform.python_version()}"
+    from run_all import machine as host  # benchmarks/ is on sys.path when run as a script
+
+    return f"{host()}, Python {platform.python_version()}"
 
 
 def main() -> None:

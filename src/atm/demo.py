@@ -161,28 +161,23 @@ def run_pipeline(pipe: Pipeline) -> int:
     base_dir = pipe.results["base"]["outputs"][0]
     recipe = root / cfg.recipe
 
-    def sft() -> dict:
-        from atm.finetune.merge import merge
-        from atm.finetune.train import train
+    def train_and_merge(method: str, model: str, steps: int) -> Callable[[], dict]:
+        def fn() -> dict:
+            from atm.finetune.merge import merge
+            from atm.finetune.train import train
 
-        run_dir = train("sft", recipe, overrides=[f"model={base_dir}", f"data={ds}",
-                                                  f"output_dir={work / 'sft'}", f"max_steps={cfg.sft_steps}"])
-        merged = merge(run_dir, work / "sft-merged")
-        return {"outputs": [str(merged)], "run": str(run_dir)}
+            run_dir = train(method, recipe, overrides=[f"model={model}", f"data={ds}",
+                                                       f"output_dir={work / method}", f"max_steps={steps}"])
+            merged = merge(run_dir, work / f"{method}-merged")
+            return {"outputs": [str(merged)], "run": str(run_dir)}
+        return fn
 
-    pipe.stage("sft", total, ["base"], {"recipe": recipe.read_text(), "steps": cfg.sft_steps}, sft)
+    # SFT warm-up first (a cold model gets no preference signal), then ORPO on the merged SFT model.
+    pipe.stage("sft", total, ["base"], {"recipe": recipe.read_text(), "steps": cfg.sft_steps},
+               train_and_merge("sft", base_dir, cfg.sft_steps))
     sft_merged = pipe.results["sft"]["outputs"][0]
-
-    def orpo() -> dict:
-        from atm.finetune.merge import merge
-        from atm.finetune.train import train
-
-        run_dir = train("orpo", recipe, overrides=[f"model={sft_merged}", f"data={ds}",
-                                                   f"output_dir={work / 'orpo'}", f"max_steps={cfg.orpo_steps}"])
-        merged = merge(run_dir, work / "orpo-merged")
-        return {"outputs": [str(merged)], "run": str(run_dir)}
-
-    pipe.stage("orpo", total, ["sft"], {"recipe": recipe.read_text(), "steps": cfg.orpo_steps}, orpo)
+    pipe.stage("orpo", total, ["sft"], {"recipe": recipe.read_text(), "steps": cfg.orpo_steps},
+               train_and_merge("orpo", sft_merged, cfg.orpo_steps))
     merged = pipe.results["orpo"]["outputs"][0]
 
     def export() -> dict:
