@@ -41,8 +41,10 @@ class DemoConfig(AtmConfig):
     eval_models: list[str] = Field(
         default_factory=lambda: ["atm:q8", "atm:q4", "baseline:majority", "baseline:momentum", "classic:lgbm"],
         description="models compared by atm-eval")
-    eval_limit: int | None = Field(600, description="verify items scored per model (None: all)")
-    eval_concurrency: int = Field(2, description="parallel requests for LLM providers")
+    eval_limit: int | None = Field(None, description="verify items scored per model (None: the whole "
+                                                     "verify split, 2,870 minutes on the sample)")
+    eval_concurrency: int = Field(1, description="requests in flight per LLM (1: llama.cpp in process; "
+                                                 ">1 starts a llama-server for the run)")
 
 
 EXAMPLES = """examples:
