@@ -128,7 +128,7 @@ def run(args: argparse.Namespace) -> int:
 
 def run_pipeline(pipe: Pipeline) -> int:
     cfg, root, work = pipe.cfg, pipe.root, pipe.work
-    total = 7
+    total = 8
     raw = (root / cfg.raw).resolve()
     if not raw.exists():
         raise AtmError(f"{raw}: sample data not found (run from the repository root)")
@@ -187,9 +187,20 @@ def run_pipeline(pipe: Pipeline) -> int:
 
         entries = export_gguf(merged, name=cfg.name, quants=tuple(cfg.quants))
         paths = [str(getattr(e, "path", e)) for e in entries]
-        return {"outputs": paths, "names": [getattr(e, "name", str(e)) for e in entries]}
+        return {"outputs": paths, "names": [e.ref for e in entries]}
 
     pipe.stage("export", total, ["orpo"], {"name": cfg.name, "quants": cfg.quants}, export)
+
+    def modelfiles() -> dict:
+        from atm.export.modelfile import write_modelfiles
+        from atm.export.registry import Registry
+
+        reg = Registry()
+        entries = [e for e in reg.list() if e.name == cfg.name]
+        paths = write_modelfiles(entries, root / "modelfiles")
+        return {"outputs": [str(p) for p in paths]}
+
+    pipe.stage("modelfiles", total, ["export"], {}, modelfiles)
 
     def evaluate() -> dict:
         import subprocess
