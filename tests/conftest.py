@@ -26,7 +26,6 @@ os.environ.setdefault("ATM_NO_PROGRESS", "1")
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "datasets" / "samples" / "binance"
-SHARED_DATA = ROOT.parent / "shared" / "data" / "binance"
 ARTIFACTS = ROOT / "test-artifacts"
 
 
