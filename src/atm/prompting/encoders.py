@@ -143,6 +143,14 @@ def _rows(rows, n: int, lookback: int) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------- base class
+def _check_columns(v: list[str]) -> list[str]:
+    """Config validator shared by the encoders that take a ``columns`` list."""
+    bad = [c for c in v if c not in SERIES]
+    if bad or not v:
+        raise ValueError(f"unknown columns {bad}; known: {', '.join(SERIES)}")
+    return v
+
+
 class EncoderConfig(AtmConfig):
     """Settings shared by every encoder."""
 
@@ -248,13 +256,7 @@ class SeedJsonConfig(EncoderConfig):
     precision: int = Field(default=8, ge=0, le=12, description="decimals of every value ('%.Nf')")
     newest_first: bool = Field(default=False, description="order values newest first (the original did)")
 
-    @field_validator("columns")
-    @classmethod
-    def _cols(cls, v: list[str]) -> list[str]:
-        bad = [c for c in v if c not in SERIES]
-        if bad or not v:
-            raise ValueError(f"unknown columns {bad}; known: {', '.join(SERIES)}")
-        return v
+    _cols = field_validator("columns")(classmethod(lambda cls, v: _check_columns(v)))
 
 
 class SeedJsonEncoder(Encoder):
@@ -340,13 +342,7 @@ class DigitsConfig(EncoderConfig):
     quantile: float = Field(default=0.9, gt=0, le=1, description="robust scale: this quantile of |x| in the window maps to 1")
     max_digits: int = Field(default=4, ge=1, le=6, description="scaled values are clipped to this many digits")
 
-    @field_validator("columns")
-    @classmethod
-    def _cols(cls, v: list[str]) -> list[str]:
-        bad = [c for c in v if c not in SERIES]
-        if bad or not v:
-            raise ValueError(f"unknown columns {bad}; known: {', '.join(SERIES)}")
-        return v
+    _cols = field_validator("columns")(classmethod(lambda cls, v: _check_columns(v)))
 
 
 class DigitsEncoder(Encoder):

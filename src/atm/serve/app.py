@@ -696,7 +696,11 @@ def create_app(settings: ServeSettings, served: dict | None = None):
                 internal["stream_options"] = req.stream_options
             stream, cm = await open_stream(m, m.engine.chat_stream, internal)
             return openai_sse(m, stream, cm, t0)
-        resp = await run_engine(request, m, m.engine.chat, internal, "/v1/chat/completions")
+        return await json_reply(request, m, m.engine.chat, internal, "/v1/chat/completions")
+
+    async def json_reply(request: Request, m, call, internal: dict[str, Any], path: str) -> Response:
+        """The non-streaming tail shared by the OpenAI routes: run, count tokens, answer JSON."""
+        resp = await run_engine(request, m, call, internal, path)
         if isinstance(resp, Response):
             return resp
         metrics.usage(m.name, resp.get("usage"))
@@ -728,11 +732,7 @@ def create_app(settings: ServeSettings, served: dict | None = None):
         if req.stream:
             stream, cm = await open_stream(m, m.engine.completion_stream, internal)
             return openai_sse(m, stream, cm, t0)
-        resp = await run_engine(request, m, m.engine.completion, internal, "/v1/completions")
-        if isinstance(resp, Response):
-            return resp
-        metrics.usage(m.name, resp.get("usage"))
-        return Response(dumps(resp), media_type="application/json")
+        return await json_reply(request, m, m.engine.completion, internal, "/v1/completions")
 
     # ------------------------------------------------------------------ advice
     @app.post("/v1/advice")
