@@ -32,6 +32,11 @@ def test_tiny_base_tokenizer_contract(tiny_base, sample_dataset):
     assert [n["type"] for n in spec["normalizer"]["normalizers"]] == ["Prepend", "Replace"]
     vocab = tok.get_vocab()
     assert all(f"<0x{i:02X}>" in vocab for i in range(256))
+    # byte pieces are plain vocabulary (as in Llama-2), not special: decoding keeps their characters
+    bytes_ = [vocab[f"<0x{b:02X}>"] for b in b"2."]
+    assert not set(bytes_) & set(tok.all_special_ids)
+    assert tok.decode(bytes_, skip_special_tokens=True) == "2."
+    assert tok.decode([vocab["<0xC3>"], vocab["<0xA9>"]], skip_special_tokens=True) == "\u00e9"
     # Digits are single tokens: no piece mixes a digit with anything else.
     assert not [p for p in vocab if re.search(r"\d", p) and not re.fullmatch(r"\d|<0x[0-9A-F]{2}>", p)]
     cfg = json.loads((Path(tiny_base) / "config.json").read_text())

@@ -112,7 +112,13 @@ def train_tokenizer(texts: Iterator[str], cfg: TinyBaseConfig):
     # BPE on templated text runs out of merges early; role names and the advice words widen it.
     extra = [f"{r} {a}" for r in ROLES for a in ("BUY", "NOOP", "SELL", "advice", "predicted_change")]
     tok.train_from_iterator(texts + extra, trainer=trainer, length=len(texts) + len(extra))
-    return tok
+    # The trainer only takes fixed ids as "special tokens", which would make the 256 byte pieces
+    # special: decoders that skip special tokens then drop every byte-fallback character ('2' as
+    # <0x32>), and nothing ever emits the literal "<0x32>". In Llama-2's own tokenizer.json they are
+    # plain vocabulary entries; make them so (same ids, same tokenization of any text).
+    spec = json.loads(tok.to_str())
+    spec["added_tokens"] = [t for t in spec["added_tokens"] if t["content"] not in set(byte_tokens)]
+    return tk.Tokenizer.from_str(json.dumps(spec))
 
 
 def build_tiny_base(data_dir: str | Path, out: str | Path, cfg: TinyBaseConfig | None = None) -> Path:
