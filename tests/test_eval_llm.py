@@ -121,14 +121,37 @@ def test_hf_provider_generate_and_loglik(tiny_merged, sample_dataset, tmp_path):
     m = run_eval([f"hf:{tiny_merged}"], _suite(), tmp_path / "hf", data=str(sample_dataset), limit=6,
                  with_baselines=False, quiet=True)
     r = m["models"][f"hf:{tiny_merged}"]
-    assert r["n"] == 6 and r["failed"] == 0  # unconstrained: some may be invalid, each with a reason
-    recs = _records(tmp_path / "hf", f"hf:{tiny_merged}")
-    assert all(x["valid"] or x["reason"] for x in recs)
+    assert r["n"] == 6 and r["failed"] == 0 and r["validity"]["valid"] == 6  # constrained to the schema
     m2 = run_eval([f"hf:{tiny_merged}"], _suite(), tmp_path / "hf-ll", data=str(sample_dataset), limit=6,
                   mode="loglik", with_baselines=False, quiet=True)
     recs2 = _records(tmp_path / "hf-ll", f"hf:{tiny_merged}")
     assert len(recs2) == 6 and all(abs(sum(x["probs"].values()) - 1) < 1e-6 for x in recs2)
     assert m2["models"][f"hf:{tiny_merged}"]["calibration"]["n"] == 6
+
+
+@pytest.mark.slow
+def test_hf_provider_constrains_a_random_model_to_the_schema(tiny_base, sample_dataset, tmp_path):
+    """The untrained base writes no JSON on its own; under the schema processor every answer parses."""
+    import torch
+
+    from atm.eval.harness import load_items, load_suite, model_items, run_eval, select_items
+    from atm.eval.llm import HFProvider
+    from atm.prompting.advice import parse_advice
+
+    spec = f"hf:{tiny_base}"
+    m = run_eval([spec], _suite(), tmp_path / "hf-base", data=str(sample_dataset), limit=4,
+                 with_baselines=False, quiet=True)
+    assert m["models"][spec]["validity"]["valid"] == 4
+    assert all(x["valid"] for x in _records(tmp_path / "hf-base", spec))
+    # the same prompts decoded freely: what the constraint prevents
+    items = model_items(select_items(load_items(sample_dataset, "verify"), load_suite(None), 4))
+    prov = HFProvider(spec, str(tiny_base), generation={"max_tokens": 64})
+    prov._load()
+    enc = prov.tok(prov._prompts(items), return_tensors="pt", padding=True, add_special_tokens=False)
+    with torch.no_grad():
+        out = prov._model.generate(**enc, max_new_tokens=64, do_sample=False, pad_token_id=prov.tok.pad_token_id)
+    free = prov.tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert not any(parse_advice(t).valid for t in free)
 
 
 @pytest.mark.slow

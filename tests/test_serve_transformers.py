@@ -57,6 +57,23 @@ def test_transformers_engine_serves_registry_model(tiny_gguf, tiny_merged, atm_h
         d = r.json()
         assert d["probs"] is None  # no log-probs from this engine
         assert d["valid"] in (True, False) and d["messages"][-1]["role"] == "user"
+        # json_schema / json_object are enforced token by token, as llama-server does: a schema the
+        # model never saw in training (it writes advice JSON, or prose for "question 0")
+        import json
+
+        import jsonschema
+
+        schema = {"type": "object", "properties": {"n": {"type": "integer"}, "v": {"type": "string",
+                  "pattern": "^[0-9]{2}[.][0-9]$"}}, "required": ["n", "v"], "additionalProperties": False}
+        for i in range(3):
+            res = client.chat.completions.create(
+                model="atm:q8", max_tokens=40, temperature=0, messages=[{"role": "user", "content": prompts[i]}],
+                response_format={"type": "json_schema", "json_schema": {"name": "t", "schema": schema}})
+            jsonschema.validate(json.loads(res.choices[0].message.content), schema)
+        obj = client.chat.completions.create(model="atm:q8", max_tokens=40, temperature=0,
+                                             messages=[{"role": "user", "content": "hi"}],
+                                             response_format={"type": "json_object"})
+        assert isinstance(json.loads(obj.choices[0].message.content), dict)
         too_long = httpx.post(srv.url + "/v1/chat/completions", timeout=60, json={
             "model": "atm:q8", "max_tokens": 4, "messages": [{"role": "user", "content": "w " * 5000}]})
         assert too_long.status_code == 400

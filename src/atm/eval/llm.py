@@ -9,7 +9,7 @@ Modes:
 - ``generate``: constrained decoding to ``prompts/advice.schema.json`` in each engine (llama.cpp:
   a ``LlamaGrammar`` built once from the schema, since llama-cpp-python silently ignores
   ``response_format={"type": "json_schema"}``; OpenAI-compatible: ``response_format`` json_schema;
-  Ollama: ``format`` = the schema; transformers: unconstrained greedy, parsed strictly).
+  Ollama: ``format`` = the schema; transformers: ``atm.prompting.hf_constraint``, lm-format-enforcer).
 - ``loglik``: the log-probability of each advice option after the prompt (and the answer text that
   precedes the advice value), normalized over BUY/NOOP/SELL -> class probabilities. The shipped answer
   format writes ``predicted_open_change`` BEFORE ``advice``, so the change is decoded greedily
@@ -622,6 +622,9 @@ class HFProvider(_Retrying):
         self.batch_size = int(options.get("batch_size") or 16)
         self._model = None
         self._pieces = answer_pieces(_template_answer_format(options, self._model_template()))
+        meta = Path(self.path) / "atm_model.json"
+        saved = json.loads(meta.read_text()).get("schema") if meta.exists() else None
+        self.schema = saved if isinstance(saved, dict) else _schema()
 
     def _model_template(self) -> str | None:
         p = Path(self.path) / "atm_model.json"
@@ -660,9 +663,12 @@ class HFProvider(_Retrying):
         torch = self._torch
         t0 = time.perf_counter()
         enc = self.tok(self._prompts(items), return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
-        with torch.no_grad():
+        from atm.prompting.hf_constraint import schema_processor
+
+        with torch.no_grad():  # constrained to the schema, as every other engine is
             out = self._model.generate(**enc, max_new_tokens=max_new or int(self.gen["max_tokens"]), do_sample=False,
-                                       pad_token_id=self.tok.pad_token_id)
+                                       pad_token_id=self.tok.pad_token_id,
+                                       logits_processor=[schema_processor(self.tok, self.schema)])
         texts = self.tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
         lat = (time.perf_counter() - t0) / len(items)
         return [parsed_prediction(it["id"], txt, lat, batch=len(items)) for it, txt in zip(items, texts)]
@@ -726,5 +732,6 @@ class HFProvider(_Retrying):
         from atm.utils import versions
 
         return {"spec": self.spec, "path": self.path, "device": getattr(self, "device", None),
-                "batch_size": self.batch_size, "constraint": "none (greedy, strictly parsed)",
+                "batch_size": self.batch_size,
+                "constraint": "lm-format-enforcer JsonSchemaParser(the advice schema), greedy, strictly parsed",
                 **versions(("torch", "transformers"))}

@@ -35,7 +35,7 @@ import uuid
 from pathlib import Path
 from typing import Any, AsyncIterator
 
-from atm.errors import AtmError
+from atm.errors import AtmError, MissingDependency
 
 # ---------------------------------------------------------------------------------------------
 # errors an engine raises; the API layer turns them into HTTP statuses
@@ -959,14 +959,13 @@ class TransformersEngine(Engine):
     """An HF causal LM in this process; requests with equal sampling settings share a batch.
 
     A worker task drains the queue: it takes the oldest request and every waiting request with
-    the same (max_tokens, temperature, top_p, seed) up to ``parallel``, left-pads them into one
-    batch and calls ``generate`` in a thread (the event loop keeps serving). JSON Schemas are not
-    enforced by this engine (``supports_json_schema = False``): answers are still validated by
-    the API where it matters (``/v1/advice``). Streaming sends the whole answer as one chunk.
+    the same (max_tokens, temperature, top_p, seed, schema) up to ``parallel``, left-pads them into
+    one batch and calls ``generate`` in a thread (the event loop keeps serving). ``json_schema`` and
+    ``json_object`` are enforced token by token (``atm.prompting.hf_constraint``, lm-format-enforcer),
+    as llama-server does natively. Streaming sends the whole answer as one chunk.
     """
 
     kind = "transformers"
-    supports_json_schema = False
 
     def __init__(self, name: str, model_dir: str | Path, *, ctx_size: int = 2048,
                  device: str | None = None, **kw: Any):
@@ -1001,6 +1000,10 @@ class TransformersEngine(Engine):
         self.model.to(self.device).eval()
         trained = getattr(self.model.config, "max_position_embeddings", None) or self.ctx_size
         self.n_ctx = min(self.ctx_size, trained) if self.ctx_size else trained
+        with contextlib.suppress(MissingDependency):  # the schema table: one vocab pass, done before requests
+            from atm.prompting.hf_constraint import _table
+
+            _table(self.tok)
 
     async def _stop(self) -> None:
         if self._worker is not None:
@@ -1027,8 +1030,11 @@ class TransformersEngine(Engine):
         if self.n_ctx:
             max_new = max(1, min(max_new, self.n_ctx - len(ids)))
         fut = asyncio.get_running_loop().create_future()
+        schema = None
+        if req.get("json_schema") is not None or req.get("json_object"):
+            schema = json.dumps(req.get("json_schema"), sort_keys=True)  # "null" = any JSON object
         key = (max_new, float(req.get("temperature") if req.get("temperature") is not None else 1.0),
-               float(req.get("top_p") or 1.0), req.get("seed"))
+               float(req.get("top_p") or 1.0), req.get("seed"), schema)
         assert self._queue is not None
         await self._queue.put((key, ids, fut))
         text, n_out, finish = await fut
@@ -1075,7 +1081,7 @@ class TransformersEngine(Engine):
     def _generate(self, key, batch_ids: list[list[int]]) -> list[tuple[str, int, str]]:
         import torch
 
-        max_new, temperature, top_p, seed = key
+        max_new, temperature, top_p, seed, schema = key
         if seed is not None:
             torch.manual_seed(int(seed))
         width = max(len(x) for x in batch_ids)
@@ -1083,6 +1089,10 @@ class TransformersEngine(Engine):
         input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in batch_ids], device=self.device)
         mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in batch_ids], device=self.device)
         kw: dict[str, Any] = {"max_new_tokens": max_new, "pad_token_id": pad}
+        if schema is not None:
+            from atm.prompting.hf_constraint import schema_processor
+
+            kw["logits_processor"] = [schema_processor(self.tok, json.loads(schema))]
         if temperature > 0:
             kw.update(do_sample=True, temperature=temperature, top_p=top_p)
         else:

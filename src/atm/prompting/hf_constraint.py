@@ -1,0 +1,91 @@
+"""JSON-schema constrained decoding for transformers ``generate`` (the ``hf:`` eval provider and the
+``transformers`` serving engine), through lm-format-enforcer's character-level JSON-schema parser.
+
+llama.cpp and vLLM enforce a schema natively; transformers has nothing of the kind, and a small model
+decoding freely breaks the format (the original experiment's failure), so an engine that took a
+schema and ignored it would lie to its client. lm-format-enforcer's own transformers integration does
+not import under transformers 5, so the adapter is here: a vocabulary table built once per tokenizer
+and a ``LogitsProcessor`` that masks, for every row of a batch, the tokens the schema does not allow.
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+from typing import Any
+
+from atm.errors import require
+
+_TABLES: dict[int, Any] = {}  # id(tokenizer) -> TokenEnforcerTokenizerData (built once: a vocab pass)
+_LOCK = threading.Lock()
+
+
+def enforceable_schema(schema: dict[str, Any] | None) -> dict[str, Any]:
+    """The schema as lm-format-enforcer takes it: ``None`` (json_object) is any JSON object, and a
+    string with a ``pattern`` drops ``minLength``/``maxLength`` (the parser refuses both at once; the
+    pattern bounds the length in ATM's schema, and answers are validated strictly afterwards)."""
+    if schema is None:
+        return {"type": "object"}
+
+    def walk(node: Any) -> Any:
+        if isinstance(node, dict):
+            out = {k: walk(v) for k, v in node.items()}
+            if "pattern" in out:
+                out.pop("minLength", None)
+                out.pop("maxLength", None)
+            return out
+        if isinstance(node, list):
+            return [walk(v) for v in node]
+        return node
+
+    return walk(copy.deepcopy(schema))
+
+
+def _table(tokenizer: Any) -> Any:
+    """(token id, text, starts a word) for every regular token: how the parser sees the vocabulary."""
+    key = id(tokenizer)
+    with _LOCK:
+        if key in _TABLES:
+            return _TABLES[key]
+    te = require("lmformatenforcer.tokenenforcer", "serve", "lm-format-enforcer")
+    special = set(tokenizer.all_special_ids)
+    zero = tokenizer.encode("0", add_special_tokens=False)[-1]
+    regular = []
+    for idx in range(len(tokenizer)):
+        if idx in special:
+            continue
+        # decoding after a '0' keeps the leading space of word-start pieces (sentencepiece style)
+        after = tokenizer.decode([zero, idx])[1:]
+        regular.append((idx, after, len(after) > len(tokenizer.decode([idx]))))
+
+    def decode(ids: list[int]) -> str:
+        return tokenizer.decode(ids).rstrip("\ufffd")  # a half UTF-8 sequence is not text yet
+
+    table = te.TokenEnforcerTokenizerData(regular, decode, tokenizer.eos_token_id, False, len(tokenizer))
+    with _LOCK:
+        _TABLES[key] = table
+    return table
+
+
+def schema_processor(tokenizer: Any, schema: dict[str, Any] | None) -> Any:
+    """A transformers ``LogitsProcessor`` that allows only continuations valid under ``schema``
+    (``None``: any JSON object). Use a fresh one per ``generate`` call."""
+    torch = require("torch", "train")
+    lp = require("transformers.generation.logits_process", "train", "transformers")
+    lmfe = require("lmformatenforcer", "serve", "lm-format-enforcer")
+    te = require("lmformatenforcer.tokenenforcer", "serve", "lm-format-enforcer")
+    enforcer = te.TokenEnforcer(_table(tokenizer), lmfe.JsonSchemaParser(enforceable_schema(schema)))
+    eos = tokenizer.eos_token_id
+
+    class SchemaLogitsProcessor(lp.LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            mask = torch.full_like(scores, float("-inf"))
+            for r, row in enumerate(input_ids.tolist()):
+                try:
+                    allowed = enforcer.get_allowed_tokens(row).allowed_tokens
+                except Exception:  # noqa: BLE001 - a finished row (after eos) has no parser state
+                    allowed = []
+                mask[r, allowed or [eos]] = 0.0
+            return scores + mask
+
+    return SchemaLogitsProcessor()
