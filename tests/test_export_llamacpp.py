@@ -62,12 +62,42 @@ def test_unbuilt_tools_are_not_found_in_an_empty_cache(monkeypatch, tmp_path):
         llamacpp.require_tool("llama-server")
 
 
+def test_gpu_backend_picks_the_cmake_flags_and_its_own_build_dir(monkeypatch, tmp_path):
+    monkeypatch.setenv("ATM_CACHE", str(tmp_path))
+    monkeypatch.delenv("CUDA_HOME", raising=False)
+    monkeypatch.delenv("CUDA_PATH", raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path / "bin"))  # no nvcc anywhere
+    monkeypatch.delenv("ATM_LLAMA_GPU", raising=False)
+    gpus = tmp_path / "proc-driver-nvidia-gpus"  # what the NVIDIA driver lists, one dir per GPU
+    monkeypatch.setattr(llamacpp, "NVIDIA_GPUS", gpus)
+    assert llamacpp.gpu_backend() is None
+    cpu_dir = llamacpp.build_dir()
+    assert cpu_dir.name == "build" and not any("CUDA" in f for f in llamacpp.cmake_flags(None))
+    # a CUDA toolkit without a GPU (a CI image) stays on the CPU build
+    nvcc = tmp_path / "bin" / "nvcc"
+    nvcc.parent.mkdir()
+    nvcc.write_text("#!/bin/sh\n")
+    nvcc.chmod(0o755)
+    assert llamacpp.gpu_backend() is None
+    # toolkit + a GPU the driver sees: a CUDA build, in a build dir of its own
+    (gpus / "0000:01:00.0").mkdir(parents=True)
+    assert llamacpp.gpu_backend() == "cuda"
+    assert llamacpp.build_dir() == cpu_dir.with_name("build-cuda")
+    assert "-DGGML_CUDA=ON" in llamacpp.cmake_flags("cuda")
+    monkeypatch.setenv("ATM_LLAMA_GPU", "cpu")  # forced off despite nvcc
+    assert llamacpp.gpu_backend() is None and llamacpp.build_dir() == cpu_dir
+    monkeypatch.setenv("ATM_LLAMA_GPU", "metal")
+    with pytest.raises(AtmError, match="ATM_LLAMA_GPU='metal': use 'cuda' or 'cpu'"):
+        llamacpp.gpu_backend()
+
+
 def test_doctor_reports_llama_cpp(cli):
     rep = json.loads(cli("doctor", "--json").stdout)
     info = rep["llama.cpp"]
     assert info["llama-cpp-python"] == metadata.version("llama-cpp-python")
     assert info["converter"].endswith("convert_hf_to_gguf.py")
     assert {"llama-server", "llama-quantize", "build_dir", "cmake"} <= set(info)
+    assert info["gpu_backend"] in ("cpu", "cuda")
 
 
 @pytest.mark.slow

@@ -446,9 +446,12 @@ class AtmProvider(_Retrying):
             llama_cpp = require("llama_cpp", "eval", "llama-cpp-python")
             # OMP_NUM_THREADS caps threads too: on a loaded 2-core box 2 threads ran ~8x slower than 1
             threads = self.gen.get("threads") or int(os.environ.get("OMP_NUM_THREADS") or 0) or os.cpu_count() or 1
+            # every layer on the GPU when this llama-cpp-python was built with a GPU backend
+            # (CMAKE_ARGS="-DGGML_CUDA=on" pip install llama-cpp-python); the CPU wheel says no
+            self._gpu = bool(llama_cpp.llama_supports_gpu_offload())
             self._llm = llama_cpp.Llama(model_path=str(self.entry.path), n_ctx=self._n_ctx(),
                                         n_threads=threads, n_threads_batch=threads, n_batch=512,
-                                        seed=0, verbose=False)
+                                        n_gpu_layers=-1 if self._gpu else 0, seed=0, verbose=False)
             self._grammar, self._change_grammar = grammars(llama_cpp, self.schema)
             self._llama_cpp = llama_cpp
         return self._llm
@@ -591,6 +594,7 @@ class AtmProvider(_Retrying):
         d = {"spec": self.spec, "ref": self.entry.ref, "path": self.entry.path, "sha256": self.entry.sha256,
              "quant": self.entry.quant, "llamacpp": self.entry.llamacpp, "template_check": self.template_check,
              "engine": "llama-server" if self._delegate else "llama-cpp-python in process",
+             "gpu_offload": getattr(self, "_gpu", None),
              "concurrency": self.concurrency,
              "constraint": "LlamaGrammar.from_json_schema(prompts/advice.schema.json)",
              "llama-cpp-python": versions(("llama-cpp-python",)).get("llama-cpp-python")}

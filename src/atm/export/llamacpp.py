@@ -43,6 +43,36 @@ CMAKE_FLAGS = (
     "-DBUILD_SHARED_LIBS=OFF",  # self-contained binaries: no libllama.so to find at run time
 )
 DONE_MARKER = ".atm-build-done"
+GPU_FLAGS = {"cuda": ("-DGGML_CUDA=ON",)}  # backend -> extra cmake flags
+
+
+NVIDIA_GPUS = Path("/proc/driver/nvidia/gpus")  # one entry per GPU the driver sees
+
+
+def gpu_backend() -> str | None:
+    """The GPU backend to build llama.cpp's tools with: ``$ATM_LLAMA_GPU`` (``cuda`` or ``cpu``),
+    else ``cuda`` when an NVIDIA GPU is present (the driver lists one) AND the CUDA compiler is
+    (``nvcc`` on PATH or in ``$CUDA_HOME/bin``). A toolkit without a GPU (common in CI images)
+    stays CPU: a CUDA build takes far longer and would run on the CPU anyway.
+    A CUDA ``llama-server`` offloads every layer by default (``-ngl auto``)."""
+    env = (os.environ.get("ATM_LLAMA_GPU") or "").strip().lower()
+    if env in ("cpu", "0", "none", "off"):
+        return None
+    if env in ("cuda", "1", "on"):
+        return "cuda"
+    if env:
+        raise AtmError(f"$ATM_LLAMA_GPU={env!r}: use 'cuda' or 'cpu'")
+    try:
+        has_gpu = NVIDIA_GPUS.is_dir() and any(NVIDIA_GPUS.iterdir())
+    except OSError:
+        has_gpu = False
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    has_nvcc = bool(shutil.which("nvcc") or (home and (Path(home) / "bin" / "nvcc").is_file()))
+    return "cuda" if has_gpu and has_nvcc else None
+
+
+def cmake_flags(backend: str | None = None) -> tuple[str, ...]:
+    return CMAKE_FLAGS + (GPU_FLAGS[backend] if backend else ())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -65,15 +95,17 @@ def version_root(version: str | None = None) -> Path:
 
 
 def build_dir(version: str | None = None) -> Path:
-    """Where the cmake build of the tools lives (binaries in ``bin/``)."""
+    """Where the cmake build of the tools lives (binaries in ``bin/``): ``build`` for CPU,
+    ``build-cuda`` for a CUDA build, so switching backends never mixes two builds."""
+    name = "build" + (f"-{gpu_backend()}" if gpu_backend() else "")
     env = os.environ.get("ATM_LLAMA_CPP_DIR")
     if env and version is None:
         # A user checkout gets its own build dir in the cache, keyed by its path.
         import hashlib
 
         key = hashlib.sha256(str(Path(env).expanduser().resolve()).encode()).hexdigest()[:12]
-        return cache_dir() / "llama.cpp" / f"custom-{key}" / "build"
-    return version_root(version) / "build"
+        return cache_dir() / "llama.cpp" / f"custom-{key}" / name
+    return version_root(version) / name
 
 
 def _sdist_vendor_path(version: str) -> Path:
@@ -265,6 +297,7 @@ def build_tools(targets: tuple[str, ...] = TOOLS, jobs: int | None = None, force
     without the marker, so an interrupted build is never used and is resumed by the next call.
     """
     bdir = build_dir()
+    backend = gpu_backend()
     if not force and all(_built(t, bdir) for t in targets):
         return {t: str(_built(t, bdir)) for t in targets}
     src = llamacpp_source()
@@ -281,11 +314,11 @@ def build_tools(targets: tuple[str, ...] = TOOLS, jobs: int | None = None, force
         log_path = bdir / "atm-build.log"
         t0 = time.time()
         if not quiet:
-            print(f"building {', '.join(targets)} from {src} (about 5 min on 2 cores; log: {log_path})",
-                  file=sys.stderr)
+            print(f"building {', '.join(targets)} from {src} for {backend or 'CPU'} "
+                  f"(about 5 min on 2 cores; log: {log_path})", file=sys.stderr)
         gen = ["-G", "Ninja"] if shutil.which("ninja") and not (bdir / "Makefile").exists() else []
         with open(log_path, "w") as log:
-            _run_logged(["cmake", "-S", str(src), "-B", str(bdir), *gen, *CMAKE_FLAGS], log, quiet=True)
+            _run_logged(["cmake", "-S", str(src), "-B", str(bdir), *gen, *cmake_flags(backend)], log, quiet=True)
             _run_logged(["cmake", "--build", str(bdir), "--config", "Release", "-j", str(jobs),
                          "--target", *targets], log, quiet=quiet)
         missing = [t for t in targets if not (bdir / "bin" / t).is_file()]
@@ -351,8 +384,12 @@ def describe() -> dict[str, object]:
         out["source"] = f"not found ({exc})"
         out["converter"] = None
     try:
+        out["gpu_backend"] = gpu_backend() or "cpu"
         out["build_dir"] = str(build_dir())
     except MissingDependency:
+        out["build_dir"] = None
+    except AtmError as exc:
+        out["gpu_backend"] = f"error: {exc}"
         out["build_dir"] = None
     for tool in TOOLS:
         try:
