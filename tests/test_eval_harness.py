@@ -135,6 +135,17 @@ def test_unknown_model_lists_valid_forms():
         get_provider("baseline:oracle")
 
 
+def test_unknown_registry_name_lists_registered_models_and_valid_forms(tmp_path):
+    # foo:bar looks like a registry name (name:tag) but may be a typo of another form
+    p = _cli("run", "--model", "foo:bar", "--out", str(tmp_path / "never"), check=False,
+             env={"ATM_HOME": str(tmp_path / "home")})
+    assert p.returncode == 2, p.stderr
+    assert "unknown model 'foo:bar'" in p.stderr and "known models: none" in p.stderr
+    for form in ("atm:TAG", "openai:MODEL@BASE_URL", "ollama:NAME", "hf:PATH", "baseline:", "classic:"):
+        assert form in p.stderr
+    assert not (tmp_path / "never").exists()
+
+
 def test_baselines_end_to_end_on_sample(sample_dataset, tmp_path):
     out = tmp_path / "run"
     p = _cli("run", "--model", "baseline:majority", "--model", "baseline:momentum", "--data", str(sample_dataset),

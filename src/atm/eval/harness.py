@@ -32,7 +32,7 @@ from pydantic import Field
 
 from atm.config import AtmConfig
 from atm.errors import AtmError, DataError
-from atm.eval.providers import ADVICES, Prediction, Provider, get_provider, parse_spec
+from atm.eval.providers import ADVICES, Prediction, Provider, get_provider, parse_spec, resolve_registry
 from atm.utils import provenance, repo_root, sha256_file, sha256_text, write_json_atomic
 
 # Columns a model may never see (the answer and what it earns).
@@ -348,8 +348,9 @@ def run_eval(models: Sequence[str], suite: SuiteConfig, out: str | Path, *, data
 
     if not models:
         raise AtmError("give at least one --model (e.g. --model atm:q8 or --model baseline:majority)")
-    for m in models:
-        parse_spec(m)  # unknown names fail before any work, listing the valid forms
+    for m in models:  # unknown names fail before any work, listing the valid forms
+        if parse_spec(m)[0] == "atm":
+            resolve_registry(m)
     split = split or suite.split
     mode = mode or suite.mode
     if mode not in ("generate", "loglik"):

@@ -356,10 +356,9 @@ class AtmProvider(_Retrying):
 
     def __init__(self, spec: str, arg: str, **options: Any):
         super().__init__(spec, arg, **options)
-        from atm.export.registry import Registry
+        from atm.eval.providers import resolve_registry
 
-        ref = arg if ":" in arg else spec  # registry refs are name:tag: atm:q8, or mymodel:q4 as given
-        self.entry = Registry().resolve(ref)
+        self.entry = resolve_registry(spec, arg)
         self.schema = self.entry.schema or _schema()
         self._pieces = answer_pieces(_template_answer_format(options, self.entry.template))
         self.template_check = self._check_template(options)

@@ -106,6 +106,20 @@ def parse_spec(spec: str) -> tuple[str, str]:
     return prefix, rest
 
 
+def resolve_registry(spec: str, arg: str | None = None) -> Any:
+    """The registry entry behind an ``atm:TAG`` (or ``mymodel:q4``) spec. An unregistered name lists
+    the registered models and every valid form (``foo:bar`` may be a typo of another form)."""
+    from atm.export.registry import Registry, UnknownModel
+
+    if arg is None:
+        arg = parse_spec(spec)[1]
+    ref = arg if ":" in arg else spec  # registry refs are name:tag: atm:q8, or mymodel:q4 as given
+    try:
+        return Registry().resolve(ref)
+    except UnknownModel as exc:
+        raise AtmError(f"{exc}\nvalid forms of --model:\n  " + "\n  ".join(VALID_FORMS)) from None
+
+
 def get_provider(spec: str, **options: Any) -> Provider:
     prefix, rest = parse_spec(spec)
     module_name, cls_name = REGISTRY[prefix].split(":")

@@ -43,6 +43,10 @@ def check_name(name: str, what: str = "model name") -> str:
     return name
 
 
+class UnknownModel(AtmError):
+    """A registry name that is not registered (the message lists the registered ones)."""
+
+
 @dataclass
 class Entry:
     """One registered model file (``name:tag``) and its manifest."""
@@ -167,10 +171,10 @@ class Registry:
     def names(self) -> list[str]:
         return [e.ref for e in self.list()]
 
-    def _unknown(self, ref: str) -> AtmError:
+    def _unknown(self, ref: str) -> "UnknownModel":
         known = self.names()
         listing = ", ".join(known) if known else "none (export one with `atm export gguf`)"
-        return AtmError(f"unknown model {ref!r} in registry {self.root}; known models: {listing}")
+        return UnknownModel(f"unknown model {ref!r} in registry {self.root}; known models: {listing}")
 
     def resolve(self, ref: str, verify: bool = False) -> Entry:
         """``name:tag`` -> Entry. A bare ``name`` picks q8, then q4, then f16.
