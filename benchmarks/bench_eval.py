@@ -67,7 +67,10 @@ def reference_loop(gguf: str, items: list[dict], threads: int, max_tokens: int =
     port = free_port()
     log = open(Path(tempfile.gettempdir()) / f"bench-eval-stock-{port}.log", "wb")
     proc = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", gguf, "--host", "127.0.0.1",
-                             "--port", str(port), "--n_threads", str(threads), "--n_ctx", "4096"],
+                             "--port", str(port), "--n_threads", str(threads),
+                             # the same threads for prompt processing as atm-eval (its default would
+                             # be every core, which made the reference's prompts faster than ATM's)
+                             "--n_threads_batch", str(threads), "--n_ctx", "4096"],
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         wait_http(f"http://127.0.0.1:{port}/v1/models", proc)

@@ -4,17 +4,23 @@ Same GGUF, same threads, each server alone on the machine, servers interleaved a
 (round 1: stock, bare, atm; round 2 reversed) so drift in machine load hits all of them alike.
 Two workloads, each at concurrency 1, 4 and 8 (a thread per client, OpenAI chat API):
 
-(a) unique prompts: every prompt differs from its first token (no prefix-cache reuse), so the
-    figure is raw prompt processing + decoding with batching;
+(a) unique prompts: every prompt differs from its first token (no prefix-cache reuse), as long
+    in tokens as the advice prompts, so the figure is raw prompt processing + decoding with batching;
 (b) the real advice workload: the model's own template rendered over consecutive minutes of real
     klines (shared system/instruction prefix, different market context), decoded under the
     model's answer schema; valid-JSON rate by ``atm.prompting.advice.parse_advice``.
+
+Model: by default a ~250M-parameter Llama built from config with random weights (nothing can be
+downloaded here) and the tiny tokenizer, Q8_0: serving effects (batched decoding, prefix reuse)
+only show with a model whose forward pass costs something; the 5M demo model measures per-request
+overheads. Answers under the schema are valid JSON whatever the weights.
 
 Figures: requests/s, generated tokens/s, p50/p99 latency, valid-JSON rate per cell. Targets
 (issue 6): atm serve >= 1.4x stock at 8 clients on (a), >= 3x on (b), and within 5% of bare
 llama-server (the API layer costs nothing that matters). Results: benchmarks/results/serve.json.
 
-    python benchmarks/bench_serve.py                 # atm:q8 from the registry
+    python benchmarks/bench_serve.py                 # bench:q8, the ~250M benchmark model
+    python benchmarks/bench_serve.py --model atm:q8  # the registry's model (the 5M demo model)
     python benchmarks/bench_serve.py --model atm:q4 --requests 32 --rounds 2
     python benchmarks/bench_serve.py --gguf x.gguf --template prompts/seed.yaml --klines k.parquet
 """
@@ -26,6 +32,7 @@ import json
 import os
 import platform
 import random
+import re
 import statistics
 import sys
 import threading
@@ -47,13 +54,38 @@ WORDS = ("market open close volume trend price minute buy sell hold signal range
          "depth order book candle wick body momentum mean revert breakout support resistance").split()
 
 
-def unique_prompts(n: int, words: int, seed: int) -> list[list[dict]]:
+def unique_prompts(n: int, tokens: int, seed: int, count) -> list[list[dict]]:
+    """``n`` prompts of about ``tokens`` tokens each (``count(text)`` = the model's token count),
+    every one different from its first token."""
     rng = random.Random(seed)
     out = []
     for i in range(n):
-        text = f"{rng.randrange(10**9)} {i} " + " ".join(rng.choice(WORDS) for _ in range(words))
+        text = f"{rng.randrange(10**9)} {i}"
+        while count(text) < tokens:
+            text += " " + " ".join(rng.choice(WORDS) for _ in range(8))
         out.append([{"role": "user", "content": text}])
     return out
+
+
+class Vocab:
+    """The GGUF's tokenizer (vocab only, no weights): token counts and the ids to ban in (a)."""
+
+    def __init__(self, gguf: Path):
+        import llama_cpp
+
+        self.llm = llama_cpp.Llama(model_path=str(gguf), vocab_only=True, verbose=False)
+
+    def count(self, text: str) -> int:
+        return len(self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=False))
+
+    def banned(self) -> dict[str, float]:
+        """Byte-fallback pieces and end-of-sequence: a random-weight model picks them freely, and
+        the stock server then keeps generating past ``max_tokens`` on broken UTF-8 (or stops early
+        at eos); with them banned every server generates exactly ``max_tokens`` tokens of text."""
+        m = self.llm._model
+        ids = [i for i in range(self.llm.n_vocab()) if re.fullmatch(rb"<0x[0-9A-Fa-f]{2}>", m.token_get_text(i).encode())]
+        ids.append(self.llm.token_eos())
+        return {str(i): -100.0 for i in ids}
 
 
 def advice_prompts(template, klines: Path, n: int, start: int) -> list[list[dict]]:
@@ -71,7 +103,7 @@ def advice_prompts(template, klines: Path, n: int, start: int) -> list[list[dict
 
 
 def run_cell(url: str, model: str, prompts: list[list[dict]], conc: int, max_tokens: int,
-             schema: dict | None, stock: bool) -> dict:
+             schema: dict | None, stock: bool, extra: dict | None = None) -> dict:
     from atm.prompting.advice import parse_advice
 
     lat: list[float] = []
@@ -87,7 +119,7 @@ def run_cell(url: str, model: str, prompts: list[list[dict]], conc: int, max_tok
         return local.c
 
     def one(msgs):
-        body = {"model": model, "messages": msgs, "max_tokens": max_tokens, "temperature": 0.0}
+        body = {"model": model, "messages": msgs, "max_tokens": max_tokens, "temperature": 0.0, **(extra or {})}
         if schema is not None:
             # stock llama_cpp.server ignores json_schema; it takes json_object + schema
             body["response_format"] = ({"type": "json_object", "schema": schema} if stock else
@@ -154,7 +186,9 @@ def start_server(kind: str, gguf: Path, name: str, parallel: int, ctx: int, thre
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="atm:q8", help="registry name (uses its GGUF and template)")
+    ap.add_argument("--model", default="bench:q8", help="bench:q8 / bench:q4 (the ~250M benchmark model, "
+                    "built from config and cached on first use), or a registry name such as atm:q8 (uses "
+                    "its GGUF and template)")
     ap.add_argument("--gguf", default=None, help="a GGUF file instead of a registry model")
     ap.add_argument("--template", default=None, help="prompt template YAML (with --gguf)")
     ap.add_argument("--klines", default=None, help="klines parquet for the advice workload "
@@ -164,13 +198,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--concurrency", default="1,4,8")
     ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds (order reversed each round)")
     ap.add_argument("--max-tokens", type=int, default=32, help="tokens per answer in workload (a)")
-    ap.add_argument("--words", type=int, default=160, help="words per unique prompt in workload (a)")
+    ap.add_argument("--prompt-tokens", type=int, default=0, help="tokens per unique prompt in workload "
+                    "(a) (default: the advice prompts' mean, so (a) and (b) differ only in what they share)")
     ap.add_argument("--parallel", type=int, default=8)
     ap.add_argument("--ctx", type=int, default=1024, help="context per slot")
-    ap.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) // 2),
-                    help="threads per server (default: half the cores, llama_cpp.server's own default; "
-                    "on a shared machine fewer threads spin less at llama.cpp's barriers)")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                    help="threads per server (default: all cores, as a dedicated server runs; the same "
+                    "for all three servers)")
     ap.add_argument("--servers", default="stock,bare,atm")
+    ap.add_argument("--workloads", default="unique,advice", help="which of unique,advice to run")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "serve.json"))
     ap.add_argument("--note", default="", help="a sentence appended to the notes (context of the run)")
     args = ap.parse_args(argv)
@@ -179,11 +215,20 @@ def main(argv: list[str] | None = None) -> int:
 
     from atm.prompting.template import Template
 
-    if args.gguf:
-        gguf, name = Path(args.gguf), "bench"
+    if args.gguf or args.model.startswith("bench:"):
+        if args.gguf:
+            gguf, name = Path(args.gguf), "bench"
+        else:
+            sys.path.insert(0, str(Path(__file__).resolve().parent))
+            from common import BENCH_MODEL_SHAPE, bench_model
+
+            gguf, name = bench_model(args.model.split(":", 1)[1]), args.model
         template = Template.load(args.template or "seed")
         schema = template.schema()
-        model_desc = str(gguf)
+        model_desc = f"{gguf.name} ({gguf.stat().st_size / 2**20:.1f} MiB)"
+        if not args.gguf:
+            model_desc = (f"{name}: a ~250M Llama built from config with random weights "
+                          f"({json.dumps(BENCH_MODEL_SHAPE)}, the tiny tokenizer), {model_desc}")
     else:
         from atm.export.registry import Registry
 
@@ -202,8 +247,19 @@ def main(argv: list[str] | None = None) -> int:
     concs = [int(c) for c in args.concurrency.split(",")]
     n = args.requests + max(concs)  # per cell: warm-up (one per client) + timed
     servers = args.servers.split(",")
-    workloads = {"unique": (unique_prompts(n * len(concs) * args.rounds, args.words, 0), args.max_tokens, None),
-                 "advice": (advice_prompts(template, klines, n * len(concs) * args.rounds, 2000), 64, schema)}
+    vocab = Vocab(gguf)
+    advice = advice_prompts(template, klines, n * len(concs) * args.rounds, 2000)
+    advice_tokens = statistics.mean(sum(vocab.count(m["content"]) for m in p) for p in advice[:50])
+    prompt_tokens = args.prompt_tokens or int(advice_tokens)
+    flat = [vocab.llm.tokenize("\n".join(m["content"] for m in p).encode(), add_bos=False, special=False)
+            for p in advice[:50]]
+    shared = statistics.mean(next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+                             for a, b in zip(flat, flat[1:]))
+    unique = unique_prompts(n * len(concs) * args.rounds, prompt_tokens, 0, vocab.count)
+    # (workload: prompts, max_tokens, schema, extra request fields)
+    workloads = {"unique": (unique, args.max_tokens, None, {"logit_bias": vocab.banned()}),
+                 "advice": (advice, 64, schema, None)}
+    workloads = {w: workloads[w] for w in args.workloads.split(",")}
     env = {"OMP_NUM_THREADS": "1"}
     results: dict[str, dict[str, dict[int, list[dict]]]] = {s: {w: {c: [] for c in concs} for w in workloads} for s in servers}
     t_start = time.time()
@@ -213,13 +269,13 @@ def main(argv: list[str] | None = None) -> int:
             srv = start_server(kind, gguf, name, args.parallel, args.ctx, args.threads, work, env)
             try:
                 srv.wait_ready(300)
-                for wname, (prompts, max_tokens, sch) in workloads.items():
+                for wname, (prompts, max_tokens, sch, extra) in workloads.items():
                     for ci, c in enumerate(concs):
                         # fresh prompts per (round, concurrency): nothing is served from a cache of
                         # an earlier cell; every server gets the very same prompts
                         k = (rnd * len(concs) + ci) * n
                         cell = run_cell(srv.url, name, prompts[k:k + args.requests + c], c, max_tokens, sch,
-                                        kind == "stock")
+                                        kind == "stock", extra)
                         results[kind][wname][c].append(cell)
                         print(f"round {rnd + 1} {kind:5s} {wname:6s} c={c}: {cell['req_s']:.2f} req/s "
                               f"{cell['gen_tok_s']:.0f} tok/s p50 {cell['p50_ms'] or 0:.0f} ms "
@@ -254,6 +310,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if "atm" in servers and "stock" in servers:
         for w, goal in (("unique", 1.4), ("advice", 3.0)):
+            if w not in workloads:
+                continue
             r = ratio("atm", "stock", w)
             figures.append({"name": f"atm / stock requests/s, {w}, c={top}", "value": round(r or 0, 3), "unit": "x"})
             targets.append({"name": f"atm serve >= {goal}x stock llama_cpp.server at {top} clients ({w})",
@@ -273,9 +331,13 @@ def main(argv: list[str] | None = None) -> int:
         "notes": (f"model {model_desc}; {args.requests} timed requests per cell after one warm-up request per "
                   f"client, mean of "
                   f"{args.rounds} interleaved rounds; {args.threads} threads per server; llama-server -np "
-                  f"{args.parallel} -c {args.parallel}x{args.ctx}; (a) ~{args.words}-word unique prompts, "
-                  f"{args.max_tokens} new tokens, temperature 0; (b) the model's template over real BTCUSDT "
-                  f"minutes, 64 new tokens max under its answer schema (stock server: json_object+schema). "
+                  f"{args.parallel} -c {args.parallel}x{args.ctx}; (a) unique prompts of ~{prompt_tokens} tokens "
+                  f"(the advice prompts' mean is {advice_tokens:.0f}), exactly {args.max_tokens} new tokens (byte pieces "
+                  f"and eos banned by logit_bias), temperature 0; (b) the model's template over real BTCUSDT "
+                  f"minutes, 64 new tokens max under its answer schema (stock server: json_object+schema); "
+                  f"consecutive advice prompts share their first {shared:.0f} tokens (the rest is the "
+                  "minute's market context), and the stock server also reuses what a request shares with "
+                  "the one before it, so on CPU (b) gains little over (a) for any server. "
                   f"Took {time.time() - t_start:.0f} s. A shared or loaded machine moves absolute numbers; "
                   "ratios come from the same run." + (f" {args.note}" if args.note else "")),
         "raw": results,
