@@ -6,6 +6,7 @@ one padded batch; the answers must equal the ones decoded alone.
 
 from __future__ import annotations
 
+import re
 import threading
 
 import httpx
@@ -63,17 +64,24 @@ def test_transformers_engine_serves_registry_model(tiny_gguf, tiny_merged, atm_h
 
         import jsonschema
 
-        schema = {"type": "object", "properties": {"n": {"type": "integer"}, "v": {"type": "string",
-                  "pattern": "^[0-9]{2}[.][0-9]$"}}, "required": ["n", "v"], "additionalProperties": False}
+        schema = {"type": "object", "properties": {"side": {"type": "string", "enum": ["up", "down"]},
+                  "v": {"type": "string", "pattern": "^[0-9]{2}[.][0-9]$"}}, "required": ["side", "v"],
+                  "additionalProperties": False}
         for i in range(3):
             res = client.chat.completions.create(
-                model="atm:q8", max_tokens=40, temperature=0, messages=[{"role": "user", "content": prompts[i]}],
+                model="atm:q8", max_tokens=60, temperature=0, messages=[{"role": "user", "content": prompts[i]}],
                 response_format={"type": "json_schema", "json_schema": {"name": "t", "schema": schema}})
-            jsonschema.validate(json.loads(res.choices[0].message.content), schema)
-        obj = client.chat.completions.create(model="atm:q8", max_tokens=40, temperature=0,
+            text = res.choices[0].message.content
+            jsonschema.validate(json.loads(text), schema)
+            assert not re.search(r"\s\s", text), text  # no whitespace padding
+        obj = client.chat.completions.create(model="atm:q8", max_tokens=60, temperature=0,
                                              messages=[{"role": "user", "content": "hi"}],
                                              response_format={"type": "json_object"})
-        assert isinstance(json.loads(obj.choices[0].message.content), dict)
+        text = obj.choices[0].message.content
+        if obj.choices[0].finish_reason == "stop":  # an object the model closed itself
+            assert isinstance(json.loads(text), dict)
+        else:  # cut by max_tokens: still an object under way, never prose
+            assert text.lstrip().startswith("{") and not re.search(r"\s\s", text), text
         too_long = httpx.post(srv.url + "/v1/chat/completions", timeout=60, json={
             "model": "atm:q8", "max_tokens": 4, "messages": [{"role": "user", "content": "w " * 5000}]})
         assert too_long.status_code == 400

@@ -67,6 +67,25 @@ def _table(tokenizer: Any) -> Any:
     return table
 
 
+def _whitespace_sets(table: Any) -> tuple[set[int], set[int], set[int]]:
+    """Token ids that are whitespace only and longer than one character; that start with
+    whitespace; that end with whitespace (cached on the table)."""
+    sets = getattr(table, "_atm_ws", None)
+    if sets is None:
+        multi, starts, ends = set(), set(), set()
+        for idx, text, _ in table.regular_tokens:
+            if not text:
+                continue
+            if text.isspace() and len(text) > 1:
+                multi.add(idx)
+            if text[0].isspace():
+                starts.add(idx)
+            if text[-1].isspace():
+                ends.add(idx)
+        sets = table._atm_ws = (multi, starts, ends)
+    return sets
+
+
 def schema_processor(tokenizer: Any, schema: dict[str, Any] | None) -> Any:
     """A transformers ``LogitsProcessor`` that allows only continuations valid under ``schema``
     (``None``: any JSON object). Use a fresh one per ``generate`` call."""
@@ -74,7 +93,14 @@ def schema_processor(tokenizer: Any, schema: dict[str, Any] | None) -> Any:
     lp = require("transformers.generation.logits_process", "train", "transformers")
     lmfe = require("lmformatenforcer", "serve", "lm-format-enforcer")
     te = require("lmformatenforcer.tokenenforcer", "serve", "lm-format-enforcer")
-    enforcer = te.TokenEnforcer(_table(tokenizer), lmfe.JsonSchemaParser(enforceable_schema(schema)))
+    table = _table(tokenizer)
+    # The parser's own max_consecutive_whitespaces is lost in TokenEnforcer's state cache (its key
+    # ignores the count), and a small model then pads an answer with tabs until max_tokens cuts it.
+    # So whitespace is limited here: never a token of only whitespace longer than one character,
+    # and no whitespace-led token right after one that ended in whitespace.
+    ws_multi, starts_ws, ends_ws = _whitespace_sets(table)
+    parser = lmfe.JsonSchemaParser(enforceable_schema(schema))
+    enforcer = te.TokenEnforcer(table, parser)
     eos = tokenizer.eos_token_id
 
     class SchemaLogitsProcessor(lp.LogitsProcessor):
@@ -82,10 +108,12 @@ def schema_processor(tokenizer: Any, schema: dict[str, Any] | None) -> Any:
             mask = torch.full_like(scores, float("-inf"))
             for r, row in enumerate(input_ids.tolist()):
                 try:
-                    allowed = enforcer.get_allowed_tokens(row).allowed_tokens
+                    allowed = list(enforcer.get_allowed_tokens(row).allowed_tokens)
                 except Exception:  # noqa: BLE001 - a finished row (after eos) has no parser state
                     allowed = []
-                mask[r, allowed or [eos]] = 0.0
+                banned = ws_multi | starts_ws if row and row[-1] in ends_ws else ws_multi
+                kept = [t for t in allowed if t not in banned]
+                mask[r, kept or allowed or [eos]] = 0.0
             return scores + mask
 
     return SchemaLogitsProcessor()
