@@ -16,8 +16,8 @@ from typing import Any
 
 from atm.errors import require
 
-_TABLES: dict[int, Any] = {}  # id(tokenizer) -> TokenEnforcerTokenizerData (built once: a vocab pass)
 _LOCK = threading.Lock()
+_ATTR = "_atm_lmfe_table"  # the table lives on its tokenizer: built once (a vocab pass), freed with it
 
 
 def enforceable_schema(schema: dict[str, Any] | None) -> dict[str, Any]:
@@ -30,7 +30,7 @@ def enforceable_schema(schema: dict[str, Any] | None) -> dict[str, Any]:
     def walk(node: Any) -> Any:
         if isinstance(node, dict):
             out = {k: walk(v) for k, v in node.items()}
-            if "pattern" in out:
+            if isinstance(out.get("pattern"), str):  # a string's pattern (not a property named so)
                 out.pop("minLength", None)
                 out.pop("maxLength", None)
             return out
@@ -43,10 +43,10 @@ def enforceable_schema(schema: dict[str, Any] | None) -> dict[str, Any]:
 
 def _table(tokenizer: Any) -> Any:
     """(token id, text, starts a word) for every regular token: how the parser sees the vocabulary."""
-    key = id(tokenizer)
     with _LOCK:
-        if key in _TABLES:
-            return _TABLES[key]
+        table = getattr(tokenizer, _ATTR, None)
+        if table is not None:
+            return table
     te = require("lmformatenforcer.tokenenforcer", "serve", "lm-format-enforcer")
     special = set(tokenizer.all_special_ids)
     zero = tokenizer.encode("0", add_special_tokens=False)[-1]
@@ -63,7 +63,7 @@ def _table(tokenizer: Any) -> Any:
 
     table = te.TokenEnforcerTokenizerData(regular, decode, tokenizer.eos_token_id, False, len(tokenizer))
     with _LOCK:
-        _TABLES[key] = table
+        setattr(tokenizer, _ATTR, table)
     return table
 
 
