@@ -213,11 +213,34 @@ def _wait_idle(server, timeout=10.0) -> float:
     raise AssertionError("the engine kept generating after the client left")
 
 
+LONG_CTX = 2048  # the tiny model's whole trained context
+# no answer can close before max_tokens: every uncancelled request runs the full length
+LONGEST = {"type": "json_schema", "json_schema": {"name": "longest", "schema": {
+    "type": "array", "items": {"type": "string", "minLength": 3, "maxLength": 3}, "minItems": 2000}}}
+
+
+@pytest.fixture(scope="module")
+def long_server(tiny_gguf, atm_home, tmp_path_factory):
+    """One slot with a long context: an uncancelled answer of ~2,000 tokens takes seconds, well
+    beyond llama-server's ~1 s polling for a closed connection (512 tokens took as little as 0.66 s
+    on an idle machine, no longer than noticing the disconnect)."""
+    port = free_port()
+    srv = ServerProcess(["--model", "atm:q8", "--parallel", "1", "--ctx-size", str(LONG_CTX)], port,
+                        env={"ATM_HOME": str(atm_home)},
+                        log=tmp_path_factory.mktemp("serve-long") / "serve.log")
+    try:
+        srv.wait_ready(180)
+        yield srv
+    finally:
+        srv.stop()
+
+
 @pytest.mark.parametrize("stream", [False, True])
-def test_client_disconnect_cancels_generation(server, stream):
+def test_client_disconnect_cancels_generation(long_server, stream):
     """A client that leaves frees its slot at once (the full answer would take much longer)."""
+    server = long_server
     _wait_idle(server)
-    body = chat(max_tokens=CTX - 40, temperature=1.0, stream=stream, response_format=LONG,
+    body = chat(max_tokens=LONG_CTX - 40, temperature=1.0, stream=stream, response_format=LONGEST,
                 messages=[{"role": "user", "content": "tell me a long story"}])
     t0 = time.monotonic()
     if stream:
@@ -237,7 +260,7 @@ def test_client_disconnect_cancels_generation(server, stream):
     r = httpx.post(server.url + "/v1/chat/completions", timeout=120,
                    json={**body, "stream": False, "seed": 1})
     full = time.monotonic() - t1
-    assert r.json()["usage"]["completion_tokens"] == CTX - 40
+    assert r.json()["usage"]["completion_tokens"] == LONG_CTX - 40
     assert idle_after < full
 
 

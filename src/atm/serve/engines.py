@@ -664,6 +664,56 @@ class LlamaServerEngine(ManagedProcessEngine):
             out["json_schema"] = {"type": "object"}
         return out
 
+    # llama-server finishes a non-streamed request even after its client has gone: it notices a
+    # closed connection only while streaming (measured: ~2,000 tokens ran to the end after the
+    # socket closed). So ATM always streams from it and assembles the non-streamed answer here;
+    # a client that leaves then stops its generation within a token.
+    async def chat(self, req: dict[str, Any]) -> dict[str, Any]:
+        return await self._collect(await self.chat_stream(self._with_usage(req)), chat=True)
+
+    async def completion(self, req: dict[str, Any]) -> dict[str, Any]:
+        return await self._collect(await self.completion_stream(self._with_usage(req)), chat=False)
+
+    @staticmethod
+    def _with_usage(req: dict[str, Any]) -> dict[str, Any]:
+        return {**req, "stream_options": {"include_usage": True}}
+
+    async def _collect(self, chunks: AsyncIterator[dict[str, Any]], chat: bool) -> dict[str, Any]:
+        """The OpenAI non-streamed response from llama-server's stream chunks (text, finish
+        reason, per-token logprobs, usage, timings)."""
+        first: dict[str, Any] | None = None
+        text: list[str] = []
+        logprobs: list[Any] = []
+        has_logprobs = False
+        finish = None
+        tail: dict[str, Any] = {}
+        async for ch in chunks:
+            first = first or ch
+            for key in ("usage", "timings"):
+                if ch.get(key):
+                    tail[key] = ch[key]
+            for c in ch.get("choices") or []:
+                piece = (c.get("delta") or {}).get("content") if chat else c.get("text")
+                if piece:
+                    text.append(piece)
+                lp = c.get("logprobs")
+                if isinstance(lp, dict) and lp.get("content") is not None:
+                    has_logprobs = True
+                    logprobs.extend(lp["content"])
+                if c.get("finish_reason"):
+                    finish = c["finish_reason"]
+        if first is None:
+            raise EngineError(f"{self.kind} for {self.name} sent an empty stream", 502, "upstream_error")
+        choice: dict[str, Any] = {"index": 0, "finish_reason": finish,
+                                  "logprobs": {"content": logprobs} if has_logprobs else None}
+        if chat:
+            choice["message"] = {"role": "assistant", "content": "".join(text)}
+        else:
+            choice["text"] = "".join(text)
+        return {"id": first.get("id"), "object": "chat.completion" if chat else "text_completion",
+                "created": first.get("created"), "model": self.name,
+                "system_fingerprint": first.get("system_fingerprint"), "choices": [choice], **tail}
+
     async def class_probs(self, messages: list[dict[str, str]], answer_prefix: str,
                           classes: tuple[str, ...]) -> dict[str, float] | None:
         """P(class) of the value that follows ``answer_prefix``, under the model's distribution
