@@ -666,11 +666,9 @@ class LlamaServerEngine(ManagedProcessEngine):
 
     # llama-server finishes a non-streamed request even after its client has gone: it notices a
     # closed connection only while streaming (measured: ~2,000 tokens ran to the end after the
-    # socket closed). So ATM always streams from it and assembles the non-streamed answer here;
-    # a client that leaves then stops its generation within a token.
-    async def chat(self, req: dict[str, Any]) -> dict[str, Any]:
-        return await self._collect(await self.chat_stream(self._with_usage(req)), chat=True)
-
+    # socket closed). So ATM always streams from it and assembles the non-streamed answer
+    # (``_collect``, for ``completion`` here and ``chat`` below); a client that leaves then stops
+    # its generation within a token.
     async def completion(self, req: dict[str, Any]) -> dict[str, Any]:
         return await self._collect(await self.completion_stream(self._with_usage(req)), chat=False)
 
@@ -760,18 +758,8 @@ class LlamaServerEngine(ManagedProcessEngine):
             creq["logprobs"] = req.get("top_logprobs") or 1
         return creq
 
-    @staticmethod
-    def _chat_from_completion(resp: dict[str, Any]) -> dict[str, Any]:
-        choices = [{"index": c.get("index", 0), "finish_reason": c.get("finish_reason"),
-                    "message": {"role": "assistant", "content": c.get("text", "")},
-                    "logprobs": c.get("logprobs")} for c in resp.get("choices") or []]
-        return {**resp, "object": "chat.completion", "choices": choices}
-
     async def chat(self, req: dict[str, Any]) -> dict[str, Any]:
-        if req.get("json_schema") is None and not req.get("json_object"):
-            return await super().chat(req)
-        prompt = await self.apply_template(req["messages"])
-        return self._chat_from_completion(await self.completion(self._as_completion(req, prompt)))
+        return await self._collect(await self.chat_stream(self._with_usage(req)), chat=True)
 
     async def chat_stream(self, req: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         if req.get("json_schema") is None and not req.get("json_object"):
