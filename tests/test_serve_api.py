@@ -33,15 +33,12 @@ DOT_SCHEMA = {
 @pytest.fixture(scope="module")
 def server(tiny_gguf, atm_home, btc_parquet, tmp_path_factory):
     port = free_port()
-    srv = ServerProcess(["--model", "atm:q8", "--model", "atm:q4", "--parallel", "4",
-                         "--ctx-size", "1024", "--set", f"klines.BTCUSDT={btc_parquet}"], port,
-                        env={"ATM_HOME": str(atm_home)},
-                        log=tmp_path_factory.mktemp("serve") / "serve.log")
-    try:
+    with ServerProcess(["--model", "atm:q8", "--model", "atm:q4", "--parallel", "4",
+                        "--ctx-size", "1024", "--set", f"klines.BTCUSDT={btc_parquet}"], port,
+                       env={"ATM_HOME": str(atm_home)},
+                       log=tmp_path_factory.mktemp("serve") / "serve.log") as srv:
         srv.wait_ready(180)
         yield srv
-    finally:
-        srv.stop()
 
 
 @pytest.fixture(scope="module")

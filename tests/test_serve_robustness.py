@@ -38,15 +38,12 @@ LONG = {"type": "json_schema", "json_schema": {"name": "long", "schema": {
 @pytest.fixture(scope="module")
 def server(tiny_gguf, atm_home, tmp_path_factory):
     port = free_port()
-    srv = ServerProcess(["--model", "atm:q8", "--parallel", "2", "--ctx-size", str(CTX),
-                         "--set", f"max_body_bytes={LIMIT}", "--set", "max_queue=2"], port,
-                        env={"ATM_HOME": str(atm_home)},
-                        log=tmp_path_factory.mktemp("serve-robust") / "serve.log")
-    try:
+    with ServerProcess(["--model", "atm:q8", "--parallel", "2", "--ctx-size", str(CTX),
+                        "--set", f"max_body_bytes={LIMIT}", "--set", "max_queue=2"], port,
+                       env={"ATM_HOME": str(atm_home)},
+                       log=tmp_path_factory.mktemp("serve-robust") / "serve.log") as srv:
         srv.wait_ready(180)
         yield srv
-    finally:
-        srv.stop()
 
 
 def chat(**kw):
@@ -225,14 +222,11 @@ def long_server(tiny_gguf, atm_home, tmp_path_factory):
     beyond llama-server's ~1 s polling for a closed connection (512 tokens took as little as 0.66 s
     on an idle machine, no longer than noticing the disconnect)."""
     port = free_port()
-    srv = ServerProcess(["--model", "atm:q8", "--parallel", "1", "--ctx-size", str(LONG_CTX)], port,
-                        env={"ATM_HOME": str(atm_home)},
-                        log=tmp_path_factory.mktemp("serve-long") / "serve.log")
-    try:
+    with ServerProcess(["--model", "atm:q8", "--parallel", "1", "--ctx-size", str(LONG_CTX)], port,
+                       env={"ATM_HOME": str(atm_home)},
+                       log=tmp_path_factory.mktemp("serve-long") / "serve.log") as srv:
         srv.wait_ready(180)
         yield srv
-    finally:
-        srv.stop()
 
 
 @pytest.mark.parametrize("stream", [False, True])

@@ -624,19 +624,13 @@ class HFProvider(_Retrying):
         self.path = arg
         self.batch_size = int(options.get("batch_size") or 16)
         self._model = None
-        self._pieces = answer_pieces(_template_answer_format(options, self._model_template()))
-        meta = Path(self.path) / "atm_model.json"
-        saved = json.loads(meta.read_text()).get("schema") if meta.exists() else None
-        self.schema = saved if isinstance(saved, dict) else _schema()
-
-    def _model_template(self) -> str | None:
-        p = Path(self.path) / "atm_model.json"
-        if p.exists():
-            t = json.loads(p.read_text()).get("template")
-            if isinstance(t, dict):
-                return t.get("yaml")
-            return t if isinstance(t, str) else None
-        return None
+        p = Path(self.path) / "atm_model.json"  # written by `atm finetune merge`: template + schema
+        meta = json.loads(p.read_text()) if p.exists() else {}
+        t = meta.get("template")
+        template = t.get("yaml") if isinstance(t, dict) else t if isinstance(t, str) else None
+        self._answer_format = _template_answer_format(options, template)
+        self._pieces = answer_pieces(self._answer_format)
+        self.schema = meta["schema"] if isinstance(meta.get("schema"), dict) else _schema()
 
     def _load(self):
         if self._model is None:
@@ -724,8 +718,7 @@ class HFProvider(_Retrying):
             probs = _softmax(lps)
             adv = max(probs, key=probs.get)
             ch = changes[k]
-            raw = _template_answer_format(self.options, self._model_template()).format(
-                change=ch or "0.00000000", advice=adv)
+            raw = self._answer_format.format(change=ch or "0.00000000", advice=adv)
             out.append(Prediction(id=it["id"], raw=raw, advice=adv, predicted_change=float(ch) if ch else None,
                                   probs=probs, valid=True, latency=lat,
                                   extra={"logprob": lps, "mode": "loglik", "change_decoded": ch is not None}))

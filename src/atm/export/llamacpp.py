@@ -97,7 +97,8 @@ def version_root(version: str | None = None) -> Path:
 def build_dir(version: str | None = None) -> Path:
     """Where the cmake build of the tools lives (binaries in ``bin/``): ``build`` for CPU,
     ``build-cuda`` for a CUDA build, so switching backends never mixes two builds."""
-    name = "build" + (f"-{gpu_backend()}" if gpu_backend() else "")
+    backend = gpu_backend()
+    name = f"build-{backend}" if backend else "build"
     env = os.environ.get("ATM_LLAMA_CPP_DIR")
     if env and version is None:
         # A user checkout gets its own build dir in the cache, keyed by its path.

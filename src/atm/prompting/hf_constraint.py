@@ -41,7 +41,7 @@ def enforceable_schema(schema: dict[str, Any] | None) -> dict[str, Any]:
     return walk(copy.deepcopy(schema))
 
 
-def _table(tokenizer: Any) -> Any:
+def token_table(tokenizer: Any) -> Any:
     """(token id, text, starts a word) for every regular token: how the parser sees the vocabulary."""
     with _LOCK:
         table = getattr(tokenizer, _ATTR, None)
@@ -67,9 +67,10 @@ def _table(tokenizer: Any) -> Any:
     return table
 
 
-def _whitespace_sets(table: Any) -> tuple[set[int], set[int], set[int]]:
-    """Token ids that are whitespace only and longer than one character; that start with
-    whitespace; that end with whitespace (cached on the table)."""
+def _whitespace_sets(table: Any) -> tuple[frozenset[int], frozenset[int], frozenset[int]]:
+    """Token ids banned always (whitespace only, longer than one character); banned after a token
+    that ends in whitespace (those plus every whitespace-led one); that end in whitespace.
+    Computed once per vocabulary and cached on the table."""
     sets = getattr(table, "_atm_ws", None)
     if sets is None:
         multi, starts, ends = set(), set(), set()
@@ -82,7 +83,7 @@ def _whitespace_sets(table: Any) -> tuple[set[int], set[int], set[int]]:
                 starts.add(idx)
             if text[-1].isspace():
                 ends.add(idx)
-        sets = table._atm_ws = (multi, starts, ends)
+        sets = table._atm_ws = (frozenset(multi), frozenset(multi | starts), frozenset(ends))
     return sets
 
 
@@ -93,12 +94,12 @@ def schema_processor(tokenizer: Any, schema: dict[str, Any] | None) -> Any:
     lp = require("transformers.generation.logits_process", "train", "transformers")
     lmfe = require("lmformatenforcer", "serve", "lm-format-enforcer")
     te = require("lmformatenforcer.tokenenforcer", "serve", "lm-format-enforcer")
-    table = _table(tokenizer)
+    table = token_table(tokenizer)
     # The parser's own max_consecutive_whitespaces is lost in TokenEnforcer's state cache (its key
     # ignores the count), and a small model then pads an answer with tabs until max_tokens cuts it.
     # So whitespace is limited here: never a token of only whitespace longer than one character,
     # and no whitespace-led token right after one that ended in whitespace.
-    ws_multi, starts_ws, ends_ws = _whitespace_sets(table)
+    always, after_ws, ends_ws = _whitespace_sets(table)
     parser = lmfe.JsonSchemaParser(enforceable_schema(schema))
     enforcer = te.TokenEnforcer(table, parser)
     eos = tokenizer.eos_token_id
@@ -111,7 +112,7 @@ def schema_processor(tokenizer: Any, schema: dict[str, Any] | None) -> Any:
                     allowed = list(enforcer.get_allowed_tokens(row).allowed_tokens)
                 except Exception:  # noqa: BLE001 - a finished row (after eos) has no parser state
                     allowed = []
-                banned = ws_multi | starts_ws if row and row[-1] in ends_ws else ws_multi
+                banned = after_ws if row and row[-1] in ends_ws else always
                 kept = [t for t in allowed if t not in banned]
                 mask[r, kept or allowed or [eos]] = 0.0
             return scores + mask

@@ -1039,9 +1039,9 @@ class TransformersEngine(Engine):
         trained = getattr(self.model.config, "max_position_embeddings", None) or self.ctx_size
         self.n_ctx = min(self.ctx_size, trained) if self.ctx_size else trained
         with contextlib.suppress(MissingDependency):  # the schema table: one vocab pass, done before requests
-            from atm.prompting.hf_constraint import _table
+            from atm.prompting.hf_constraint import token_table
 
-            _table(self.tok)
+            token_table(self.tok)
 
     async def _stop(self) -> None:
         if self._worker is not None:
