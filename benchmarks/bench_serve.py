@@ -210,6 +210,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "serve.json"))
     ap.add_argument("--note", default="", help="a sentence appended to the notes (context of the run)")
     args = ap.parse_args(argv)
+    unknown = sorted(set(args.workloads.split(",")) - {"unique", "advice"})
+    if unknown:
+        ap.error(f"--workloads: unknown {', '.join(unknown)} (choose from unique, advice)")
 
     import tempfile
 
