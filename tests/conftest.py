@@ -16,6 +16,10 @@ from pathlib import Path
 
 import pytest
 
+# Test modules live in per-stage folders (tests/serve/, tests/eval/, ...) mirroring src/atm/; the
+# helpers shared by several of them (leakage.py) stay here.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
 # Thread contention on 2 cores makes torch training 5-20x slower; tests run single-threaded.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -1,6 +1,6 @@
 """Helpers for no-leakage tests: change the future, check the past did not move.
 
-Used by ``tests/test_no_leakage.py`` for features and labels; the prompting tests reuse them for
+Used by ``tests/market/test_no_leakage.py`` for features and labels; the prompting tests reuse them for
 prompt contexts::
 
     from leakage import perturb_from

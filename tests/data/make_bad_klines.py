@@ -4,7 +4,7 @@
 
 Each case is a folder laid out like Binance's public data (``data/spot/daily/klines/BADUSDT/1m``)
 holding small synthetic random-walk files with exactly one fault planted. The expectation of each
-case (an error naming file and line, or a counted repair) lives in tests/test_market_bad_inputs.py.
+case (an error naming file and line, or a counted repair) lives in tests/market/test_market_bad_inputs.py.
 The output is byte-for-byte reproducible (fixed seeds, fixed zip dates); the test regenerates it
 into a temp folder and compares, so the corpus and this script cannot drift apart.
 """

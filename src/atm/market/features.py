@@ -3,7 +3,7 @@
 The row of minute ``t`` uses only bars strictly before ``t`` (``t-1`` and earlier): what is known
 at the open of ``t``. Every indicator is computed on completed bars ("as of the close of bar s")
 with causal pandas operations (trailing ``rolling``, ``ewm``, ``diff``), then the whole table is
-shifted down one row. ``tests/test_no_leakage.py`` checks this by perturbing every bar from ``t``
+shifted down one row. ``tests/market/test_no_leakage.py`` checks this by perturbing every bar from ``t``
 on and asserting that rows ``<= t`` do not change.
 
 Rows at the start whose lookback is not yet filled are NaN (``FeatureConfig.warmup()`` bars);

@@ -5,7 +5,7 @@ served models, metrics); engines start in the lifespan. In the style of vLLM's O
 pydantic request models, OpenAI-shaped errors (``{"error": {"message", "type", "param", "code"}}``;
 Ollama routes answer Ollama's ``{"error": "..."}``).
 
-Robustness rules (each has a test in ``tests/test_serve_robustness.py``):
+Robustness rules (each has a test in ``tests/serve/test_serve_robustness.py``):
 - bodies are read with a size limit (413) and parsed strictly (malformed JSON 400, wrong types /
   missing fields / empty messages 400, unknown model 404 naming the served ones);
 - ``max_tokens`` <= 0 or over the context is 400, a prompt over the context is 400;

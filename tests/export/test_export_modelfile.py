@@ -19,7 +19,7 @@ from atm.finetune.base import CHAT_TEMPLATE
 from atm.prompting.advice import load_schema, parse_advice
 from atm.prompting.template import Example, Template
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 # --------------------------------------------------------------------------- a Go template subset

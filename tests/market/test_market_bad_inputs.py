@@ -19,7 +19,7 @@ import pytest
 from atm.errors import DataError
 from atm.market.klines import build_klines, meta_path
 
-CORPUS = Path(__file__).parent / "data" / "bad_klines"
+CORPUS = Path(__file__).parents[1] / "data" / "bad_klines"
 F1 = "BADUSDT-1m-2024-05-01.zip"
 F2 = "BADUSDT-1m-2024-05-02.zip"
 

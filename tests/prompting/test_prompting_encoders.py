@@ -16,7 +16,7 @@ from atm.errors import ConfigError
 from atm.prompting.encoders import ENCODERS, get_encoder
 from atm.prompting.template import Template
 
-ZIPS = sorted((Path(__file__).resolve().parents[1] / "datasets/samples/binance/data/spot/daily/klines/BTCUSDT/1m")
+ZIPS = sorted((Path(__file__).resolve().parents[2] / "datasets/samples/binance/data/spot/daily/klines/BTCUSDT/1m")
               .glob("*.zip"))
 
 

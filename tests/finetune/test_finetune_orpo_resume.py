@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("trl")
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_orpo_loss_decreases_and_logs_accuracy(tiny_base, sample_dataset, tmp_path):

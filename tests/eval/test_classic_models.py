@@ -47,7 +47,7 @@ def synth_klines(path, n: int, signal: float, seed: int) -> None:
     df.to_parquet(path, index=False)
 
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def build(tmp, name: str, signal: float, n: int, seed: int):

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 RECIPES = sorted((ROOT / "finetune").glob("*.yaml"))
 ACCELERATE = sorted((ROOT / "finetune" / "accelerate").glob("*.yaml"))
 

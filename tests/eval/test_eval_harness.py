@@ -24,7 +24,7 @@ import pytest
 
 from atm.errors import AtmError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 FUZZ = [
     ("", "empty"),

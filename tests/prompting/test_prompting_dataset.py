@@ -18,7 +18,7 @@ from atm.prompting.encoders import get_encoder
 from atm.prompting.template import Template
 from atm.utils import sha256_file
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _items(ds: Path, split: str) -> pd.DataFrame:

@@ -13,7 +13,7 @@ from atm.errors import ConfigError
 from atm.prompting.advice import load_schema, parse_advice
 from atm.prompting.template import Template, choose_examples
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TEMPLATES = sorted((ROOT / "prompts").glob("*.yaml"))
 ORIGINAL_INSTRUCTION = (
     "Analyse the following exchange data, predict the next minute's change and advise. Respond in a "
