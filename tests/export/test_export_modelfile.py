@@ -142,7 +142,7 @@ def test_go_evaluator_itself():
 # --------------------------------------------------------------------------- fixtures
 def _jinja(template: str, messages, gen: bool, bos="<s>", eos="</s>") -> str:
     from jinja2.sandbox import ImmutableSandboxedEnvironment
-    from atm.export.gguf import clean_chat_template
+    from atm.export.chat_template import clean_chat_template
 
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
     env.globals["raise_exception"] = lambda m: (_ for _ in ()).throw(ValueError(m))

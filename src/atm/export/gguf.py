@@ -29,6 +29,7 @@ from typing import Any, Iterable, Sequence
 
 from atm.errors import AtmError
 from atm.export import llamacpp
+from atm.export.chat_template import clean_chat_template, render_jinja
 from atm.export.registry import Entry, Registry, check_name, tag_for
 from atm.utils import progress, provenance, sha256_file
 
@@ -50,8 +51,6 @@ QUANTS: dict[str, Quant] = {
     "q4_0": Quant("q4_0", "Q4_0", 2, frozenset({"Q4_0", "Q6_K"})),
 }
 ALIASES = {"q8": "q8_0", "q4": "q4_k_m", "q5": "q5_k_m", "q6": "q6_k", "fp16": "f16"}
-STRIP_TEMPLATE_TAGS = ("{% generation %}", "{% endgeneration %}", "{%- generation %}",
-                       "{%- endgeneration %}", "{% generation -%}", "{% endgeneration -%}")
 
 
 class QuantFallbackWarning(UserWarning):
@@ -222,10 +221,8 @@ def _special_token_flags(model_dir: Path, conf: dict[str, Any]) -> dict[str, boo
         template = conf.get("chat_template") if isinstance(conf.get("chat_template"), str) \
             else hf_chat_template(model_dir)
         if adds_bos and template and bos:
-            from atm.export.modelfile import _render_jinja
-
             try:
-                rendered = _render_jinja(clean_chat_template(template), [{"role": "user", "content": "a"}],
+                rendered = render_jinja(clean_chat_template(template), [{"role": "user", "content": "a"}],
                                          True, bos, eos or "")
                 adds_bos = not rendered.startswith(bos)
             except Exception:  # noqa: BLE001
@@ -234,12 +231,6 @@ def _special_token_flags(model_dir: Path, conf: dict[str, Any]) -> dict[str, boo
     if "add_eos_token" not in conf:
         flags["add_eos_token"] = eos_id is not None and bool(ids) and ids[-1] == eos_id
     return flags
-
-
-def clean_chat_template(text: str) -> str:
-    for tag in STRIP_TEMPLATE_TAGS:
-        text = text.replace(tag, "")
-    return text
 
 
 def hf_chat_template(model_dir: Path) -> str | None:
@@ -378,8 +369,6 @@ def tokenization_check(model_dir: str | Path, gguf_path: str | Path, texts: Sequ
 def sample_prompt_texts(model_dir: Path, meta: dict[str, Any], n: int = 50) -> list[str]:
     """Rendered prompts to check tokenization on: verify prompts of the recorded dataset, else the
     template rendered on a synthetic context, else a few fixed strings."""
-    from atm.export.modelfile import _render_jinja
-
     template = hf_chat_template(model_dir)
     tc = _read_json(model_dir / "tokenizer_config.json") if (model_dir / "tokenizer_config.json").is_file() else {}
     bos, eos = _token_text(tc.get("bos_token")) or "", _token_text(tc.get("eos_token")) or ""
@@ -401,7 +390,7 @@ def sample_prompt_texts(model_dir: Path, meta: dict[str, Any], n: int = 50) -> l
         convs = [[{"role": "user", "content": f"Price {i * 17.25:.8f} and volume {i}; advise."}] for i in range(n)]
     if not template:
         return ["\n".join(m["content"] for m in c) for c in convs]
-    return [_render_jinja(clean_chat_template(template), c, True, bos, eos) for c in convs]
+    return [render_jinja(clean_chat_template(template), c, True, bos, eos) for c in convs]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from atm.errors import AtmError
+from atm.export.chat_template import clean_chat_template, render_jinja
 from atm.export.registry import Entry
 from atm.utils import write_text_atomic
 
@@ -44,31 +45,12 @@ class RoleFormat:
     generation: str  # appended after the last non-assistant message
 
 
-def _render_jinja(template: str, messages: list[dict[str, str]], add_generation_prompt: bool,
-                  bos_token: str, eos_token: str) -> str:
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    def raise_exception(msg: str):
-        raise AtmError(f"chat template raised: {msg}")
-
-    import jinja2.ext
-
-    # the same settings transformers and llama-cpp-python render chat templates with
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[jinja2.ext.loopcontrols])
-    env.globals["raise_exception"] = raise_exception
-    return env.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                            bos_token=bos_token, eos_token=eos_token)
-
-
 def probe_chat_template(chat_template: str, bos_token: str = "", eos_token: str = "") -> RoleFormat:
     """Decompose a Jinja chat template into per-role prefix/suffix (see the module docstring)."""
-    from atm.export.gguf import clean_chat_template
-
     tpl = clean_chat_template(chat_template)
 
     def render(msgs, gen=False):
-        return _render_jinja(tpl, msgs, gen, bos_token, eos_token)
+        return render_jinja(tpl, msgs, gen, bos_token, eos_token)
 
     try:
         empty = render([])
