@@ -83,13 +83,15 @@ def _base(args) -> int:
 
 
 def _train(args) -> int:
-    from atm.finetune.train import RUN_FILE, train
+    from atm.finetune.train import RUN_FILE, is_main_process, train
 
     if not args.config:
         from atm.errors import ConfigError
 
         raise ConfigError(f"--recipe is required (e.g. finetune/tiny-cpu.yaml)")
     run = train(args.method, args.config, args.overrides)
+    if not is_main_process():  # under accelerate launch, rank 0 alone reports the run
+        return 0
     import json
 
     info = json.loads((run / RUN_FILE).read_text())

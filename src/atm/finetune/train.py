@@ -5,11 +5,13 @@ Each method reads its own view of the dataset (docs/architecture.md): SFT the `s
 (`prompt` + `ret_BUY/ret_NOOP/ret_SELL`, scored by `atm.prompting.advice.score_advice`, the same
 function the eval harness uses). The run dir gets the LoRA adapter, the tokenizer, checkpoints,
 `log.jsonl` (every logged step, also across resumes) and `atm_run.json` (what made the run).
+Under `accelerate launch` (DDP, FSDP, DeepSpeed) every rank trains and only rank 0 writes these.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import time
@@ -23,6 +25,12 @@ VIEWS = {"sft": ("sft", ["messages"]), "orpo": ("preference", ["prompt", "chosen
          "dapo": ("rl", ["prompt", "ret_BUY", "ret_NOOP", "ret_SELL"])}
 RUN_FILE = "atm_run.json"
 LOG_FILE = "log.jsonl"
+log = logging.getLogger(__name__)
+
+
+def is_main_process() -> bool:
+    """Rank 0 of a multi-process launch (accelerate and torchrun set RANK), or a plain run."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def load_config(method: str, recipe: str | Path | None, overrides: Iterable[str] = ()) -> FinetuneConfig:
@@ -187,6 +195,32 @@ def make_callbacks(run_dir: Path, method: str):
     return [JsonlLogger()]
 
 
+def distributed_info(cfg: FinetuneConfig, trainer) -> dict[str, Any]:
+    """How accelerate really spread the run over processes. A launch config whose backend
+    accelerate did not apply is refused: accelerate 1.15 sets up FSDP and DeepSpeed only on GPU-class
+    devices and would train plain DDP on CPU without a word."""
+    state = trainer.accelerator.state
+    kind = state.distributed_type.value
+    asked = next((name for name, env in (("FSDP", "ACCELERATE_USE_FSDP"),
+                                         ("DEEPSPEED", "ACCELERATE_USE_DEEPSPEED"))
+                  if os.environ.get(env, "false").lower() == "true"), None)
+    if asked and kind != asked:
+        from importlib.metadata import version
+
+        raise ConfigError(f"the accelerate config asks for {asked}, but accelerate "
+                          f"{version('accelerate')} set up {kind} on this machine ({asked} needs "
+                          f"GPUs); on CPU launch with finetune/accelerate/ddp.yaml")
+    recipe_precision = "bf16" if cfg.bf16 else "fp16" if cfg.fp16 else "no"
+    if state.mixed_precision != recipe_precision and is_main_process():
+        log.warning("mixed precision is %s, not the recipe's %s: the accelerate config or "
+                    "--mixed_precision overrides it", state.mixed_precision, recipe_precision)
+    args = trainer.args
+    return {"world_size": state.num_processes, "distributed_type": kind, "backend": state.backend,
+            "mixed_precision": state.mixed_precision,
+            "global_batch_size": args.per_device_train_batch_size * args.gradient_accumulation_steps
+            * state.num_processes}
+
+
 def build_trainer(method: str, cfg: FinetuneConfig, model, tok, train_ds, callbacks):
     common = _common_args(cfg)
     peft_cfg = lora_config(cfg)
@@ -233,20 +267,26 @@ def train(method: str, recipe: str | Path | None, overrides: Iterable[str] = ())
         "train_rows": len(train_ds), "base_model": cfg.model, "resumed_from": resume_from,
         "provenance": provenance(cfg),
     }
-    write_json_atomic(run_dir / RUN_FILE, {**run_info, "status": "running"})
     trainer = build_trainer(method, cfg, model, tok, train_ds, make_callbacks(run_dir, method))
-    if resume_from:
+    run_info["distributed"] = distributed_info(cfg, trainer)
+    main = is_main_process()
+    if main:
+        write_json_atomic(run_dir / RUN_FILE, {**run_info, "status": "running"})
+    if resume_from and main:
         print(f"resuming from {resume_from}", file=sys.stderr)
     t0 = time.time()
     result = trainer.train(resume_from_checkpoint=resume_from)
-    trainer.save_model(str(run_dir))
-    tok.save_pretrained(str(run_dir))
-    state = trainer.state
-    write_json_atomic(run_dir / RUN_FILE, {
-        **run_info, "status": "done", "global_step": state.global_step,
-        "train_seconds": round(time.time() - t0, 2), "metrics": result.metrics,
-        "trainable_parameters": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
-    })
+    trainer.save_model(str(run_dir))  # every rank: FSDP / ZeRO-3 gather the weights, rank 0 writes
+    if main:
+        tok.save_pretrained(str(run_dir))
+        state = trainer.state
+        write_json_atomic(run_dir / RUN_FILE, {
+            **run_info, "status": "done", "global_step": state.global_step,
+            "train_seconds": round(time.time() - t0, 2), "metrics": result.metrics,
+            "trainable_parameters": sum(p.numel() for p in trainer.model.parameters()
+                                        if p.requires_grad),
+        })
+    trainer.accelerator.wait_for_everyone()  # the other ranks return once the run dir is complete
     return run_dir
 
 
