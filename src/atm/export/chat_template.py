@@ -14,6 +14,7 @@ engine and the Modelfile all see one prompt.
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 
 from atm.errors import AtmError
 
@@ -32,8 +33,14 @@ def clean_chat_template(text: str) -> str:
 def render_jinja(template: str, messages: list[dict[str, str]], add_generation_prompt: bool,
                  bos_token: str, eos_token: str) -> str:
     """Render a chat template with the settings transformers and llama-cpp-python use."""
-    return _sandbox().from_string(template).render(
+    return _compiled(template).render(
         messages=messages, add_generation_prompt=add_generation_prompt, bos_token=bos_token, eos_token=eos_token)
+
+
+@functools.lru_cache(maxsize=32)
+def _compiled(template: str):
+    """A compiled template (probing one renders it dozens of times; the environment is immutable)."""
+    return _sandbox().from_string(template)
 
 
 def _sandbox(**globals_):
