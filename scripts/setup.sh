@@ -2,7 +2,7 @@
 # Set up ATM on a fresh machine: a virtual environment in .venv with every extra, pinned by
 # constraints.txt (torch==2.13.0 is the local CPU wheel; any other spec pulls GBs of CUDA).
 # Re-running is cheap: pip skips what is installed; compiled llama.cpp tools are cached
-# under ~/.cache/atm/. Usage: scripts/setup.sh [--tests]   (--tests adds chromium for browser tests)
+# under ~/.cache/atm/. Usage: scripts/setup.sh [--tests]   (--tests adds chromium and Go for the tests)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -20,10 +20,14 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   echo "$want" > "$stamp"
 fi
 if [ "${1:-}" = "--tests" ]; then
-  if [ ! -x /usr/bin/chromium ]; then
-    echo "==> installing Debian's chromium for the browser tests"
+  # chromium for the browser tests; Go (text/template renders Modelfile TEMPLATEs as Ollama does)
+  need=""
+  [ -x /usr/bin/chromium ] || need="$need chromium"
+  command -v go >/dev/null || need="$need golang-go"
+  if [ -n "$need" ]; then
+    echo "==> installing Debian's$need for the tests"
     if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
-    $SUDO apt-get update -qq && $SUDO apt-get install -y -qq chromium >/dev/null
+    $SUDO apt-get update -qq && $SUDO apt-get install -y -qq $need >/dev/null
   fi
 fi
 # llama.cpp's converter (and llama-server / llama-quantize), from the same llama.cpp version that

@@ -28,7 +28,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "chat": ("atm.serve.chat_cli", "open the Gradio chat over market state (a client of `atm serve`)"),
     "eval": ("atm.eval.cli", "evaluate models against baselines and classic models (same as atm-eval)"),
     "demo": ("atm.demo", "run the whole path on the shipped sample data"),
-    "doctor": ("atm.doctor", "report which tools (llama.cpp, llama-server, browser, GPU) are found"),
+    "doctor": ("atm.doctor", "report which tools (llama.cpp, llama-server, browser, Go, GPU) are found"),
 }
 
 EPILOG = """examples:

@@ -1,10 +1,11 @@
-"""``atm doctor``: what ATM finds on this machine (llama.cpp tools, versions, browser, GPU)."""
+"""``atm doctor``: what ATM finds on this machine (llama.cpp tools, versions, browser, Go, GPU)."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import shutil
+import subprocess
 
 
 def register(p: argparse.ArgumentParser) -> None:
@@ -33,6 +34,7 @@ def report(build: bool = False) -> dict:
     except ImportError:
         out["llama.cpp"] = "atm.export.llamacpp not available"
     out["chromium"] = shutil.which("chromium")
+    out["go"] = _go()
     out["ollama"] = shutil.which("ollama")
     try:
         import torch
@@ -41,6 +43,18 @@ def report(build: bool = False) -> dict:
     except ImportError:
         out["cuda"] = None
     return out
+
+
+def _go() -> str | None:
+    """Go renders Modelfile TEMPLATEs in the tests as Ollama does (scripts/setup.sh --tests)."""
+    exe = shutil.which("go")
+    if exe is None:
+        return None
+    try:
+        proc = subprocess.run([exe, "version"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return exe
+    return f"{exe} ({proc.stdout.split()[2]})" if proc.returncode == 0 and len(proc.stdout.split()) > 2 else exe
 
 
 def run(args: argparse.Namespace) -> int:
