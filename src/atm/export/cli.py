@@ -32,6 +32,9 @@ def register(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--ollama", action="store_true", help="also run `ollama create NAME:TAG` (needs ollama on PATH)")
     p.add_argument("--home", default=None, help="registry root (default: $ATM_HOME or the user data dir)")
     p.add_argument("--threads", type=int, default=None, help="quantization threads (default: all cores)")
+    p.add_argument("--pre-tokenizer", default=None, metavar="NAME",
+                   help="llama.cpp pre-tokenizer for a byte-level BPE tokenizer its converter does "
+                   "not recognise (e.g. qwen2, llama-bpe, smollm); the parity check still runs")
     p.add_argument("--check", action="store_true", help="run `atm export check` afterwards")
     p.add_argument("--n", type=int, default=200, help="prompts for --check")
     p.set_defaults(func=cmd_gguf)
@@ -65,7 +68,7 @@ def cmd_gguf(args: argparse.Namespace) -> int:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         entries = export_gguf(args.model, name=args.name, quants=args.quant, home=args.home,
-                              threads=args.threads)
+                              threads=args.threads, pre_tokenizer=args.pre_tokenizer)
     for w in caught:
         print(f"warning: {w.message}", file=sys.stderr)
     for e in entries:

@@ -14,8 +14,10 @@ library logs to the process's stderr and a crash there must not take ATM down).
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -127,6 +129,9 @@ def inspect_gguf(path: str | Path) -> dict[str, Any]:
         "bos_token_id": field("tokenizer.ggml.bos_token_id"),
         "eos_token_id": field("tokenizer.ggml.eos_token_id"),
         "add_bos_token": field("tokenizer.ggml.add_bos_token"),
+        "tokenizer_model": field("tokenizer.ggml.model"),
+        "pre_tokenizer": field("tokenizer.ggml.pre"),
+        "name": field("general.name"),
     }
 
 
@@ -163,14 +168,16 @@ def check_model_dir(model_dir: Path) -> None:
         raise AtmError(f"{model_dir}: no *.safetensors weights{hint}")
 
 
-def _stage_model_dir(model_dir: Path, stage: Path) -> None:
-    """Symlink the model's files into ``stage`` with the chat template cleaned for GGUF readers.
+def _stage_model_dir(model_dir: Path, stage: Path) -> dict[str, bool]:
+    """Symlink the model's files into ``stage`` with the chat template cleaned for GGUF readers;
+    returns the special-token flags the GGUF must carry (see :func:`_special_token_flags`).
 
     transformers' ``{% generation %}`` markers (for assistant-only loss) are not standard Jinja:
     llama.cpp's engine and llama-cpp-python >= 0.3.36 skip them, but other readers of a GGUF's
     template (older bindings, plain jinja2) fail on them. They do not change the rendered text, so
     they are removed here; the model directory itself is never modified.
     """
+    flags: dict[str, bool] = {}
     for p in model_dir.iterdir():
         if p.name in ("tokenizer_config.json", "chat_template.jinja", "chat_template.json"):
             continue
@@ -180,7 +187,8 @@ def _stage_model_dir(model_dir: Path, stage: Path) -> None:
         conf = _read_json(tc)
         if isinstance(conf.get("chat_template"), str):
             conf["chat_template"] = clean_chat_template(conf["chat_template"])
-        conf.update(_special_token_flags(model_dir, conf))
+        flags = _special_token_flags(model_dir, conf)
+        conf.update(flags)
         (stage / tc.name).write_text(json.dumps(conf, indent=2))
     cj = model_dir / "chat_template.jinja"
     if cj.is_file():
@@ -191,6 +199,28 @@ def _stage_model_dir(model_dir: Path, stage: Path) -> None:
         if isinstance(data.get("chat_template"), str):
             data["chat_template"] = clean_chat_template(data["chat_template"])
         (stage / cjs.name).write_text(json.dumps(data))
+    return flags
+
+
+def _enforce_special_token_flags(gguf_path: Path, flags: dict[str, bool]) -> dict[str, bool]:
+    """Write ``flags`` into the converted file where the converter chose otherwise.
+
+    The converter lets tokenizer.json's post-processor win over tokenizer_config.json: Llama-3's
+    post-processor adds ``<|begin_of_text|>``, so its GGUF says add_bos even though the chat
+    template writes that token itself, and llama-server then starts every chat prompt with two
+    BOS tokens (HF's ``apply_chat_template`` has one). Returns what was changed."""
+    keys = {"add_bos_token": "tokenizer.ggml.add_bos_token", "add_eos_token": "tokenizer.ggml.add_eos_token"}
+    gguf = llamacpp.import_gguf()
+    reader = gguf.GGUFReader(str(gguf_path), "r+")
+    changed = {}
+    for flag, key in keys.items():
+        f = reader.fields.get(key)
+        if flag in flags and f is not None and bool(f.contents()) != flags[flag]:
+            f.parts[f.data[0]][0] = flags[flag]
+            changed[flag] = flags[flag]
+    reader.data.flush()
+    del reader
+    return changed
 
 
 def _special_token_flags(model_dir: Path, conf: dict[str, Any]) -> dict[str, bool]:
@@ -251,25 +281,157 @@ def _tail(text: str, n: int = 15) -> str:
     return "\n".join(lines[-n:])
 
 
-def convert_hf_to_gguf(model_dir: str | Path, out: str | Path, outtype: str = "f16") -> Path:
-    """Run llama.cpp's converter on ``model_dir``; ``out`` appears only if it succeeds."""
+# ---------------------------------------------------------------------------------------------
+# the converter's pre-tokenizer check
+
+@functools.lru_cache(maxsize=4)
+def _known_pre_tokenizers(source: str) -> tuple[str, dict[str, str]]:
+    """(the converter's test text, {hash of its ids: llama.cpp pre-tokenizer name}), read from
+    ``get_vocab_base_pre`` in the converter's own source, so ATM checks against exactly the list
+    of the llama.cpp it converts with."""
+    import ast
+
+    tree = ast.parse(Path(source).read_text(encoding="utf-8"))
+    func = next((n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)
+                 and n.name == "get_vocab_base_pre"), None)
+    if func is None:
+        raise AtmError(f"{source}: no get_vocab_base_pre() (an unexpected llama.cpp version)")
+    chktxt, known = None, {}
+    for node in ast.walk(func):
+        if isinstance(node, ast.Assign) and isinstance(node.value, ast.Constant) and any(
+                isinstance(t, ast.Name) and t.id == "chktxt" for t in node.targets):
+            chktxt = node.value.value
+        if isinstance(node, ast.If) and isinstance(node.test, ast.Compare) and isinstance(
+                node.test.left, ast.Name) and node.test.left.id == "chkhsh":
+            value = node.test.comparators[0]
+            for stmt in node.body:
+                if isinstance(stmt, ast.Assign) and isinstance(stmt.value, ast.Constant) and any(
+                        isinstance(t, ast.Name) and t.id == "res" for t in stmt.targets):
+                    known[value.value] = stmt.value.value
+    if not chktxt or not known:
+        raise AtmError(f"{source}: could not read the known pre-tokenizers from get_vocab_base_pre()")
+    return chktxt, known
+
+
+def _converter_base_source() -> Path:
+    src = llamacpp.llamacpp_source()
+    base = src / "conversion" / "base.py"
+    return base if base.is_file() else src / "convert_hf_to_gguf.py"
+
+
+def is_byte_level_bpe(model_dir: Path) -> bool:
+    """A GPT-2-style byte-level BPE (Qwen, Llama-3, SmolLM2): the vocabularies llama.cpp's
+    converter identifies by hashing the ids of a test text. Byte-fallback BPEs (Llama-2 style,
+    ATM's tiny base) and SentencePiece models go another way and need no such check."""
+    tj = Path(model_dir) / "tokenizer.json"
+    if not tj.is_file():
+        return False
+    model = _read_json(tj).get("model") or {}
+    return model.get("type") == "BPE" and not model.get("byte_fallback")
+
+
+def detect_pre_tokenizer(model_dir: str | Path) -> dict[str, Any]:
+    """What llama.cpp's converter will call this tokenizer's pre-tokenizer: the same hash of the
+    same test text through ``AutoTokenizer`` (bos included, as the converter encodes it).
+    ``{"hash", "name"}``; ``name`` is None when the converter does not know the tokenizer."""
+    from atm.errors import require
+
+    transformers = require("transformers", "train")
+    chktxt, known = _known_pre_tokenizers(str(_converter_base_source()))
+    tok = transformers.AutoTokenizer.from_pretrained(str(model_dir))
+    import hashlib
+
+    chkhsh = hashlib.sha256(str(tok.encode(chktxt)).encode()).hexdigest()
+    return {"hash": chkhsh, "name": known.get(chkhsh)}
+
+
+def known_pre_tokenizer_names() -> list[str]:
+    _, known = _known_pre_tokenizers(str(_converter_base_source()))
+    return sorted(set(known.values()))
+
+
+def _unrecognised_pre_tokenizer(model_dir: Path, chkhsh: str) -> AtmError:
+    names = known_pre_tokenizer_names()
+    common = [n for n in ("llama-bpe", "qwen2", "smollm", "gpt-2", "deepseek-llm") if n in names]
+    return AtmError(
+        f"{model_dir}: llama.cpp's converter does not recognise this tokenizer's pre-tokenizer "
+        f"(its test text hashes to {chkhsh}, which is not among the {len(names)} tokenizers "
+        f"llama.cpp {llamacpp.llamacpp_version() or ''} knows; converting would fail). If this "
+        "tokenizer splits text exactly like one llama.cpp implements (e.g. a fine-tune whose "
+        "tokenizer.json gained a token), name it: `atm export gguf --pre-tokenizer NAME` "
+        f"(e.g. {', '.join(common)}; all: {', '.join(names)}); then check the export's "
+        "tokenization parity (recorded in the manifest). Otherwise convert with a newer llama.cpp: "
+        "ATM_LLAMA_CPP_DIR=/path/to/llama.cpp")
+
+
+# A converter run whose get_vocab_base_pre() answers a given name: llama.cpp's own escape hatch is
+# editing the script; this does the same for one run, without touching the cached source.
+_CONVERT_WITH_PRE = """
+import os, runpy, sys
+script, pre = sys.argv[1], sys.argv[2]
+sys.argv = [script] + sys.argv[3:]
+here = os.path.dirname(os.path.abspath(script))
+sys.path.insert(0, here)
+sys.path.insert(1, os.path.join(here, "gguf-py"))
+from conversion import base
+base.TextModel.get_vocab_base_pre = lambda self, tokenizer: pre
+runpy.run_path(script, run_name="__main__")
+"""
+
+
+def converter_model_name(model_dir: Path, config: dict[str, Any]) -> str | None:
+    """``--model-name`` for the converter where the name changes how llama.cpp tokenizes.
+
+    llama.cpp strips the whitespace after Phi-3's special tokens (as Phi-3's tokenizer.json does
+    with ``rstrip``) only when the GGUF's ``general.name`` contains "phi-3" or "phi3"; a fine-tuned
+    Phi-3 in ``runs/orpo-merged`` would otherwise tokenize every chat prompt differently from HF."""
+    if config.get("model_type") == "phi3" and (model_dir / "tokenizer.model").is_file():
+        name = model_dir.name
+        return name if re.search(r"phi-?3", name, re.I) else f"Phi-3 {name}"
+    return None
+
+
+def convert_hf_to_gguf(model_dir: str | Path, out: str | Path, outtype: str = "f16",
+                       pre_tokenizer: str | None = None) -> Path:
+    """Run llama.cpp's converter on ``model_dir``; ``out`` appears only if it succeeds.
+
+    A byte-level BPE tokenizer the converter would not recognise is refused up front with what to
+    do (:func:`detect_pre_tokenizer`); ``pre_tokenizer`` names llama.cpp's pre-tokenizer for it."""
     model_dir, out = Path(model_dir).resolve(), Path(out)
     check_model_dir(model_dir)
     script = llamacpp.converter_script()
+    config = _read_json(model_dir / "config.json")
+    if pre_tokenizer is not None:
+        names = known_pre_tokenizer_names()
+        if pre_tokenizer not in names:
+            raise AtmError(f"--pre-tokenizer {pre_tokenizer!r} is not one llama.cpp knows: "
+                           f"{', '.join(names)}")
+    elif is_byte_level_bpe(model_dir):
+        found = detect_pre_tokenizer(model_dir)
+        if found["name"] is None:
+            raise _unrecognised_pre_tokenizer(model_dir, found["hash"])
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".atm-convert-", dir=out.parent) as tmpd:
         stage = Path(tmpd) / "model"
         stage.mkdir()
-        _stage_model_dir(model_dir, stage)
+        flags = _stage_model_dir(model_dir, stage)
         tmp_out = Path(tmpd) / "out.gguf"
         env = {**os.environ, "PYTHONIOENCODING": "utf-8"}
         env.setdefault("OMP_NUM_THREADS", "1")
-        cmd = [sys.executable, str(script), str(stage), "--outfile", str(tmp_out), "--outtype", outtype]
+        args = [str(stage), "--outfile", str(tmp_out), "--outtype", outtype]
+        name = converter_model_name(model_dir, config)
+        if name:
+            args += ["--model-name", name]
+        if pre_tokenizer is not None:
+            cmd = [sys.executable, "-c", _CONVERT_WITH_PRE, str(script), pre_tokenizer, *args]
+        else:
+            cmd = [sys.executable, str(script), *args]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if proc.returncode != 0 or not tmp_out.is_file():
             raise AtmError(f"converting {model_dir} to GGUF failed (llama.cpp convert_hf_to_gguf.py, "
                            f"exit {proc.returncode}); no file was written. Its last lines:\n"
                            f"{_tail(proc.stderr + proc.stdout)}")
+        _enforce_special_token_flags(tmp_out, flags)
         inspect_gguf(tmp_out)
         os.replace(tmp_out, out)
     return out
@@ -474,7 +636,8 @@ def _schema_of(meta: dict[str, Any]) -> dict[str, Any] | None:
 
 def export_gguf(model_dir: str | Path, name: str = "atm", quants: Sequence[str] | str = ("q8_0", "q4_k_m"),
                 home: str | Path | None = None, threads: int | None = None,
-                quantize_tool: str | None = "auto", check_tokenizer: bool = True) -> list[Entry]:
+                quantize_tool: str | None = "auto", check_tokenizer: bool = True,
+                pre_tokenizer: str | None = None) -> list[Entry]:
     """Convert ``model_dir`` to F16 GGUF, quantize, and register ``name:f16`` + one tag per quant.
 
     Returns the entries (f16 first). Tensors that llama.cpp had to give a fallback type (their
@@ -502,7 +665,7 @@ def export_gguf(model_dir: str | Path, name: str = "atm", quants: Sequence[str] 
         try:
             t0 = time.time()
             bar.set_postfix_str("convert F16")
-            f16 = convert_hf_to_gguf(model_dir, stage / "f16.gguf", "f16")
+            f16 = convert_hf_to_gguf(model_dir, stage / "f16.gguf", "f16", pre_tokenizer=pre_tokenizer)
             vocab_fix = fix_bpe_scores(f16, model_dir)
             timings["convert_f16_s"] = round(time.time() - t0, 3)
             bar.update(1)
@@ -522,6 +685,9 @@ def export_gguf(model_dir: str | Path, name: str = "atm", quants: Sequence[str] 
         if check_tokenizer and (model_dir / "tokenizer.json").is_file():
             tok_check = tokenization_check(model_dir, f16, sample_prompt_texts(model_dir, meta))
             tok_check["vocab_fix"] = vocab_fix
+            tok_check["gguf_tokenizer"] = {k: infos["f16"][k] for k in ("tokenizer_model", "pre_tokenizer", "name")}
+            if pre_tokenizer:
+                tok_check["pre_tokenizer_override"] = pre_tokenizer
             if tok_check["match_rate"] is not None and tok_check["match_rate"] < 1.0:
                 warnings.warn(f"{name}: llama.cpp tokenizes {1 - tok_check['match_rate']:.0%} of "
                               f"{tok_check['n']} sample prompts differently from the HF tokenizer "

