@@ -165,3 +165,91 @@ def test_encoders_are_vectorized_over_rows(df):
         enc = get_encoder(name)
         rows = np.array([enc.lookback, enc.lookback + 1, 5000, 14399])
         assert enc.encode(df, rows) == [enc.encode(df, [r])[0] for r in rows]
+
+
+# ------------------------------------------------------------------------------- compact
+# The same minute as GOLDEN_SEED_JSON_11, written by hand from those values: BTCUSDT opens move in
+# cents, volumes have 5 decimals, trade counts are whole.
+GOLDEN_COMPACT_11 = (
+    "open_changes (x0.01): -3507 975 -3274 8303 -1311 1208 -4840 2388 2410 -8758\n"
+    "prev_volumes (x0.00001): 752711 1623540 1489803 848300 1487260 1866757 1205106 1022505 1303971 1590081\n"
+    "prev_trade_counts: 1184 1957 1667 1414 2329 1468 1189 1501 2138 2138")
+
+BNB_ZIPS = sorted((ZIPS[0].parents[2] / "BNBBTC" / "1m").glob("*.zip"))
+
+
+def test_compact_golden_row_and_deterministic(df):
+    from atm.prompting.encoders import decode_compact
+
+    enc = get_encoder("compact")
+    assert enc.lookback == 11
+    (ctx,) = enc.encode(df, np.array([11]))
+    assert ctx == GOLDEN_COMPACT_11
+    assert json.dumps(decode_compact(ctx)) == GOLDEN_SEED_JSON_11
+    rows = np.arange(11, 2000, 7)
+    assert enc.encode(df, rows) == get_encoder("compact").encode(df, rows)  # same text every time
+    # the answer is seed-json's (the schema's 8-decimal change)
+    assert enc.answer_changes(df, rows) == get_encoder("seed-json").answer_changes(df, rows)
+
+
+@pytest.mark.parametrize("cfg", [
+    {},
+    {"window": 3, "columns": ["close_changes", "prev_quote_volumes"], "precision": 2, "newest_first": True},
+    {"window": 20, "columns": ["high_changes", "low_changes", "prev_opens", "prev_taker_buy_volumes"]},
+    {"precision": 0},
+])
+@pytest.mark.parametrize("symbol", ["BTCUSDT", "BNBBTC"])
+def test_compact_carries_exactly_the_seed_json_information(df, symbol, cfg):
+    """Every minute of both shipped samples (prices in cents / in 1e-6 BTC): the seed-json context
+    with the same settings is rebuilt from the compact one, byte for byte."""
+    from atm.prompting.encoders import decode_compact
+
+    frame = df if symbol == "BTCUSDT" else raw_sample_frame(BNB_ZIPS)
+    compact, seed = get_encoder("compact", **cfg), get_encoder("seed-json", **cfg)
+    rows = np.arange(seed.lookback, len(frame))
+    a, b = compact.encode(frame, rows), seed.encode(frame, rows)
+    bad = [i for i, (x, y) in enumerate(zip(a, b)) if json.dumps(decode_compact(x, compact.cfg.precision)) != y]
+    assert not bad, (a[bad[0]], b[bad[0]])
+    if not cfg:  # the default: '%.8f' pads every value; characters alone drop by half
+        assert sum(map(len, a)) < 0.55 * sum(map(len, b))
+
+
+def test_compact_lossy_digits_stays_within_half_a_unit(df):
+    from atm.prompting.encoders import decode_compact
+
+    enc = get_encoder("compact", digits=3)
+    (ctx,) = enc.encode(df, np.array([11]))
+    # 3 significant digits of each column's largest |value| (87.58, 18.66757, 2329)
+    assert ctx == ("open_changes (x0.1): -351 98 -327 830 -131 121 -484 239 241 -876\n"
+                   "prev_volumes (x0.1): 75 162 149 85 149 187 121 102 130 159\n"
+                   "prev_trade_counts (x10): 118 196 167 141 233 147 119 150 214 214")
+    rows = np.arange(11, len(df), 13)
+    seed = get_encoder("seed-json").encode(df, rows)
+    for c, s in zip(enc.encode(df, rows), seed):
+        exact = json.loads(s)
+        for line, (name, vals) in zip(c.split("\n"), decode_compact(c).items()):
+            unit = Decimal(line.split(" (x")[1].split(")")[0]) if " (x" in line else Decimal(1)
+            ints = [int(v) for v in line.split(": ")[1].split()]
+            assert max(len(str(abs(i))) for i in ints) <= 3 or unit == Decimal("1e-8")
+            for v, w in zip(vals, exact[name]):
+                assert abs(Decimal(v) - Decimal(w)) <= unit / 2, (name, v, w, unit)
+
+
+def test_compact_nan_negative_zero_and_too_large():
+    import pandas as pd
+
+    from atm.errors import AtmError
+    from atm.prompting.encoders import decode_compact
+
+    frame = pd.DataFrame({"open": [1.0, 1.5, 1.5, 1.25], "volume": [2.0, np.nan, -0.0, 3.0],
+                          "count": [1.0, 2.0, 3.0, 4.0]})
+    enc = get_encoder("compact", window=2, columns=["open_changes", "prev_volumes"])
+    seed = get_encoder("seed-json", window=2, columns=["open_changes", "prev_volumes"])
+    (ctx,) = enc.encode(frame, np.array([3]))
+    assert ctx == "open_changes (x0.1): 5 0\nprev_volumes: nan -0"
+    assert json.dumps(decode_compact(ctx)) == seed.encode(frame, np.array([3]))[0]
+    huge = frame.assign(volume=[1e12, 2e12, 3e12, 4e12])
+    with pytest.raises(AtmError, match="too large"):
+        enc.encode(huge, np.array([3]))
+    assert get_encoder("compact", window=2, columns=["prev_volumes"], precision=2).encode(huge, [3]) == [
+        "prev_volumes (x1000000000000): 2 3"]

@@ -37,7 +37,7 @@ def _add_build(sub) -> None:
 config keys (YAML or --set key=value):
 """ + _describe())
     p.add_argument("--klines", default=None, help="klines parquet (from `atm data build`)")
-    p.add_argument("--encoder", default=None, help="seed-json | seed-json-compat | natural | digits")
+    p.add_argument("--encoder", default=None, help="seed-json | seed-json-compat | compact | natural | digits")
     p.add_argument("--template", default=None, help="template YAML (path or name in prompts/)")
     p.add_argument("--label", default=None, choices=["seed", "entry", "fee-aware"], help="label rule")
     p.add_argument("--pairs", default=None, choices=["random", "reward"], help="pair rule")

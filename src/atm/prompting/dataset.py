@@ -52,7 +52,7 @@ class BuildConfig(AtmConfig):
     out: str = Field(description="output folder, e.g. datasets/build/NAME")
     name: str | None = Field(default=None, description="dataset name (default: the out folder's name)")
     symbol: str | None = Field(default=None, description="symbol recorded in items (default: from the parquet's metadata)")
-    encoder: str | None = Field(default=None, description="context encoder: seed-json, seed-json-compat, natural, digits "
+    encoder: str | None = Field(default=None, description="context encoder: seed-json, seed-json-compat, compact, natural, digits "
                                 "(default: the template's, else seed-json)")
     encoder_config: dict[str, Any] = Field(default_factory=dict, description="encoder settings (window, columns, precision, ...)")
     template: str = Field(default="prompts/seed.yaml", description="prompt template YAML (path, or a name in prompts/)")

@@ -11,6 +11,10 @@ Pluggable by name (``get_encoder("seed-json", window=10)``; ``register_encoder``
 * ``natural``: about 15 features from ``atm.market.features`` as short phrases with numbers.
 * ``digits``: LLMTime style: each column scaled by a robust quantile of its window, fixed
   precision, digits separated by spaces, time steps separated by commas.
+* ``compact``: ``seed-json``'s information in under half its tokens: one line per column, each
+  value a fixed-point integer in a unit shared by the column's window (``open_changes (x0.01):
+  -3507 975 ...``). Exact by default: ``decode_compact`` gives back the ``seed-json`` context
+  byte for byte (see ``CompactEncoder``).
 
 Speed: nothing here loops over pandas rows. The JSON encoders format each bar's value once
 (``format_fixed``: integer arithmetic + pyarrow string kernels, byte-identical to ``'%.8f'``), then
@@ -333,6 +337,183 @@ class SeedJsonCompatEncoder(Encoder):
         ])
 
 
+# ------------------------------------------------------------------------------- compact
+def fixed_point(values: np.ndarray, precision: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The integers ``'%.{precision}f' % v`` writes without its dot, exactly, as int64.
+
+    Returns ``(q, negzero, finite)``: ``q[i]`` is the value in units of ``10**-precision`` rounded
+    as Python's ``%`` formatting rounds it (the exact binary value, half to even; the few values
+    within ulps of a tie or too large for exact float integers are formatted by Python itself, as
+    ``format_fixed`` does); ``negzero`` marks values Python writes ``-0.000..``; ``finite`` is False
+    where the value is NaN or infinite (``q`` is 0 there).
+    """
+    x = np.asarray(values, dtype=np.float64)
+    scale = 10.0 ** precision
+    finite = np.isfinite(x)
+    with np.errstate(invalid="ignore", over="ignore"):
+        y = np.abs(x) * scale
+        frac = y - np.floor(y)
+        risky = finite & ((y >= 2.0 ** 52) | (np.abs(frac - 0.5) <= 4 * np.spacing(y)))
+    ok = finite & ~risky
+    q = np.zeros(x.shape, dtype=np.int64)
+    q[ok] = np.rint(y[ok]).astype(np.int64)
+    q = np.where(np.signbit(x), -q, q)
+    if risky.any():
+        fmt = f"%.{precision}f"
+        idx = np.flatnonzero(risky)
+        big = [int((fmt % v).replace(".", "")) for v in x.flat[idx].tolist()]
+        if max(abs(b) for b in big) >= 2 ** 62:
+            raise AtmError(f"a value ({x.flat[idx][np.argmax(np.abs(big))]!r}) is too large for fixed-point "
+                           f"integers at {precision} decimals: lower the encoder's precision")
+        q.flat[idx] = big
+    negzero = finite & np.signbit(x) & (q == 0)
+    return q, negzero, finite
+
+
+def _round_to_unit(Q: np.ndarray, A: np.ndarray, e: np.ndarray) -> np.ndarray:
+    """``Q`` (n, w) in units of ``10**e[row]``, rounded half away from zero (``A = |Q|``)."""
+    div = (10 ** e)[:, None]
+    r = (A + div // 2) // div
+    return np.where(Q < 0, -r, r)
+
+
+def _unit_label(exp: int) -> str:
+    """The header of a value line whose integers are in units of 10**exp: '' (units of 1),
+    ' (x0.01)', ' (x100)'."""
+    if exp == 0:
+        return ""
+    if exp < 0:
+        return f" (x0.{'0' * (-exp - 1)}1)"
+    return f" (x1{'0' * exp})"
+
+
+class CompactConfig(EncoderConfig):
+    window: int = Field(default=10, ge=1, le=512, description="bars before t in the context (t-window .. t-1)")
+    columns: list[str] = Field(default_factory=lambda: ["open_changes", "prev_volumes", "prev_trade_counts"],
+                               description=f"context columns, from: {', '.join(SERIES)}")
+    precision: int = Field(default=8, ge=0, le=12, description="decimals of the seed-json values the context "
+                           "carries exactly ('%.Nf', as seed-json's precision)")
+    digits: int | None = Field(default=None, ge=1, le=12, description="None: exact (seed-json's values to "
+                               "`precision` decimals). N: lossy, each column's window rounded to N significant "
+                               "digits of its largest |value| (half away from zero)")
+    newest_first: bool = Field(default=False, description="order values newest first")
+
+    _cols = field_validator("columns")(classmethod(lambda cls, v: _check_columns(v)))
+
+
+class CompactEncoder(Encoder):
+    """``seed-json``'s information as fixed-point integers: one short line per column, oldest first::
+
+        open_changes (x0.01): -3507 975 -3274 8303 -1311 1208 -4840 2388 2410 -8758
+        prev_volumes (x0.00001): 752711 1623540 1489803 848300 1487260 ...
+        prev_trade_counts: 1184 1957 1667 1414 2329 1468 1189 1501 2138 2138
+
+    Same information, exactly: the values are those of ``seed-json`` with the same window, columns,
+    order and ``precision`` (``'%.8f'``: every value to 8 decimals). Each column's window is written
+    as integers in one unit, the largest power of ten that divides all of its values at that
+    precision (BTCUSDT opens move in cents: x0.01; trade counts are whole: no unit; a window of
+    round thousands: x1000), so no digit is
+    dropped: ``decode_compact(text)`` rebuilds the ``seed-json`` context byte for byte (NaN is
+    written ``nan`` and -0 ``-0``, as seed-json writes them). The saving is the padding: seed-json
+    spends ~30 digits per minute on trailing zeros, quotes and commas (SmolLM2, Qwen2.5 and Phi-3
+    split every digit into its own token).
+
+    Lossy on request: ``digits=N`` writes each column's window in the unit that leaves at most N
+    significant digits on its largest |value| (values rounded half away from zero to that unit, so
+    every value is within half a unit of seed-json's; where the exact unit is already coarser,
+    nothing is rounded). Like seed-json, the text uses only bars before t.
+    """
+
+    name = "compact"
+    Config = CompactConfig
+
+    @property
+    def lookback(self) -> int:
+        diff = any(SERIES[c][1] == "diff" for c in self.cfg.columns)
+        return self.cfg.window + (1 if diff else 0)
+
+    def _column_lines(self, df, name: str, lo: int, hi: int, r: np.ndarray):
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        w, p = self.cfg.window, self.cfg.precision
+        q, negzero, finite = fixed_point(_series(df, name)[lo:hi], p)
+        order = np.arange(1, w + 1) if self.cfg.newest_first else np.arange(w, 0, -1)
+        idx = r[:, None] - order[None, :]                                     # (n, w) bars t-k
+        Q, NZ, FIN = q[idx], negzero[idx], finite[idx]
+        n = len(r)
+        # exact unit: the largest 10**e dividing every value of the window (the fewest trailing
+        # zeros among them; zeros and NaN do not count; an all-zero window is in units of 1)
+        top = 18  # 10**18 is the largest power of ten in int64
+        tz = np.full(q.shape, top, dtype=np.int64)
+        for k in range(top, 0, -1):
+            tz[(q % (10 ** k)) != 0] = k - 1
+        tz[q == 0] = top + 1
+        e = tz[idx].min(axis=1)
+        e = np.where(e > top, p, e)
+        if self.cfg.digits is not None:
+            mag = np.abs(Q).max(axis=1)
+            ndig = np.maximum((mag[:, None] >= 10 ** np.arange(19)[None, :]).sum(axis=1), 1)  # digits of mag
+            e = np.maximum(e, ndig - self.cfg.digits)
+        A = np.abs(Q)
+        ints = _round_to_unit(Q, A, e)
+        if self.cfg.digits is not None:  # 99.96 at 0.1 rounds to 1000: one unit coarser there
+            up = np.abs(ints).max(axis=1) >= 10 ** self.cfg.digits
+            if up.any():
+                e = np.where(up, e + 1, e)
+                ints = _round_to_unit(Q, A, e)
+        # one cast for the whole window; position j is the j-th slice of n (column-major)
+        text = pc.cast(pa.array(ints.T.ravel()), pa.string())
+        bad = (~FIN | NZ).T.ravel()
+        if bad.any():
+            fix = np.where(FIN.T.ravel(), "-0", "nan")[bad]
+            text = pc.replace_with_mask(text, pa.array(bad), pa.array(fix, pa.string()))
+        labels = pa.array([name + _unit_label(k - p) + ":" for k in range(0, 20)], pa.string())  # by e
+        line: list = [_take(labels, e)]
+        for j in range(w):
+            line += [" ", text.slice(j * n, n)]
+        return pc.binary_join_element_wise(*line, "")
+
+    def encode_arrow(self, df, rows, features=None):
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        rows = _rows(rows, len(df), self.lookback)
+        if rows.size == 0:
+            return pa.array([], pa.string())
+        lo = max(0, int(rows.min()) - self.cfg.window)
+        hi = int(rows.max())
+        r = rows - lo
+        lines = [self._column_lines(df, c, lo, hi, r) for c in self.cfg.columns]
+        if len(lines) == 1:
+            return lines[0]
+        return pc.binary_join_element_wise(*lines, "\n")
+
+
+def decode_compact(text: str, precision: int = 8) -> dict[str, list[str]]:
+    """The values of a ``compact`` context as ``'%.{precision}f'`` strings, column by column (what
+    ``seed-json`` writes: ``json.dumps(decode_compact(c))`` is its context when ``c`` is exact)."""
+    from decimal import Decimal
+
+    out: dict[str, list[str]] = {}
+    for line in text.split("\n"):
+        head, sep, body = line.partition(": ")
+        if not sep:
+            raise AtmError(f"not a compact context line: {line!r}")
+        name, unit = head, Decimal(1)
+        if head.endswith(")") and " (x" in head:
+            name, u = head[:-1].split(" (x", 1)
+            unit = Decimal(u)
+        vals = []
+        for v in body.split(" "):
+            if v == "nan":
+                vals.append("nan")
+                continue
+            vals.append(f"{(Decimal(v) * unit).quantize(Decimal(1).scaleb(-precision)):f}")
+        out[name] = vals
+    return out
+
+
 # ------------------------------------------------------------------------------- digits
 class DigitsConfig(EncoderConfig):
     window: int = Field(default=16, ge=2, le=512, description="time steps (minutes t-window .. t-1)")
@@ -520,7 +701,7 @@ def register_encoder(cls: type[Encoder]) -> type[Encoder]:
     return cls
 
 
-for _cls in (SeedJsonEncoder, SeedJsonCompatEncoder, NaturalEncoder, DigitsEncoder):
+for _cls in (SeedJsonEncoder, SeedJsonCompatEncoder, CompactEncoder, NaturalEncoder, DigitsEncoder):
     register_encoder(_cls)
 
 
