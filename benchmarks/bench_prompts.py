@@ -111,9 +111,11 @@ def child(klines: str, out: str, chunk_rows: int, views: str, template: str) -> 
 
     pc.cast(pa.array([1]), pa.string())  # pyarrow's one-time compute initialisation (~0.8 s here)
     t_import = time.perf_counter() - t0
+    # token_families=[]: the card's token counting is a fixed cost (loading four tokenizers, ~2 s),
+    # not a per-minute one; benchmarks/bench_tokens.py measures it
     cfg = BuildConfig(klines=klines, out=out, template=template, encoder="seed-json-compat", label="seed",
                       pairs="random", chunk_rows=chunk_rows, views=views.split(","), overwrite=True,
-                      symbol="SYNTH")
+                      symbol="SYNTH", token_families=[])
     t1 = time.perf_counter()
     build_dataset(cfg)
     seconds = time.perf_counter() - t1

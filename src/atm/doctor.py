@@ -9,9 +9,11 @@ import subprocess
 
 
 def register(p: argparse.ArgumentParser) -> None:
-    p.epilog = "examples:\n  atm doctor\n  atm doctor --build   # fetch llama.cpp's converter and build llama-server"
+    p.epilog = ("examples:\n  atm doctor\n  atm doctor --build   # fetch llama.cpp's converter, build llama-server "
+                "and the model families' tokenizers")
     p.add_argument("--build", action="store_true",
-                   help="fetch/build what is missing (converter, llama-server, llama-quantize) into ~/.cache/atm")
+                   help="fetch/build what is missing (converter, llama-server, llama-quantize, the Qwen2.5 / "
+                        "Llama-3.2 / Phi-3 / SmolLM2 tokenizers that count prompt tokens) into ~/.cache/atm")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=run)
 
@@ -33,6 +35,7 @@ def report(build: bool = False) -> dict:
         out["llama.cpp"] = llamacpp.describe()
     except ImportError:
         out["llama.cpp"] = "atm.export.llamacpp not available"
+    out["tokenizers"] = _family_tokenizers(build)
     out["chromium"] = shutil.which("chromium")
     out["go"] = _go()
     out["ollama"] = shutil.which("ollama")
@@ -42,6 +45,26 @@ def report(build: bool = False) -> dict:
         out["cuda"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     except ImportError:
         out["cuda"] = None
+    return out
+
+
+def _family_tokenizers(build: bool) -> dict:
+    """Each family's rebuilt tokenizer in the cache (``atm prompts build`` counts prompt tokens with
+    them); with ``build``, the missing ones are rebuilt from the llama.cpp source (offline)."""
+    from atm.errors import AtmError
+    from atm.prompting.tokens import FAMILIES, family_tokenizer_dir
+
+    out = {}
+    for name in FAMILIES:
+        try:
+            d = family_tokenizer_dir(name)
+            if build and not (d / "tokenizer.json").is_file():
+                from atm.finetune.families import build_tokenizer
+
+                build_tokenizer(name)
+            out[name] = str(d) if (d / "tokenizer.json").is_file() else "not built (atm doctor --build)"
+        except AtmError as exc:
+            out[name] = f"not available: {exc}"
     return out
 
 

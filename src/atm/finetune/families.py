@@ -387,10 +387,11 @@ def _sha256(path: Path) -> str:
 
 
 def tokenizer_cache_dir(fam: Family) -> Path:
-    from atm.export import llamacpp
-    from atm.utils import cache_dir
+    """Where the rebuilt tokenizer lives; ``atm.prompting.tokens`` reads it from there to count
+    prompt tokens (it owns the location: prompting cannot import finetune)."""
+    from atm.prompting.tokens import family_tokenizer_dir
 
-    return cache_dir() / "tokenizers" / f"{fam.name}-llama.cpp-{llamacpp.python_binding_version()}"
+    return family_tokenizer_dir(fam.name)
 
 
 def build_tokenizer(name: str):

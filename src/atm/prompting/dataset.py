@@ -74,8 +74,22 @@ class BuildConfig(AtmConfig):
         default_factory=lambda: list(VIEWS), description="views to write (default all four)")
     compression: Literal["zstd", "snappy", "none"] = Field(default="zstd", description="parquet compression")
     chunk_rows: int = Field(default=50_000, ge=100, description="minutes encoded and written per chunk (bounds memory)")
-    tokenizer: str | None = Field(default=None, description="HF tokenizer dir for token-length stats (default: chars/4 estimate)")
+    token_families: list[str] = Field(default_factory=lambda: list(_families()),
+                                      description="model families whose real tokenizer and chat template count the "
+                                      "prompts of the card's token table ([] = none); built by `atm doctor --build`")
+    tokenizer: str | None = Field(default=None, description="also count with this HF tokenizer / model dir "
+                                  "(an error if it cannot be loaded)")
+    token_sample: int = Field(default=200, ge=0, description="items per split whose tokens are counted: evenly "
+                              "spaced, first and last included (0 = no counting)")
     overwrite: bool = Field(default=False, description="replace an existing output folder")
+
+    @field_validator("token_families")
+    @classmethod
+    def _fams(cls, v: list[str]) -> list[str]:
+        bad = [f for f in v if f.strip().lower() not in _families()]
+        if bad:
+            raise ValueError(f"unknown model families {bad}; known: {', '.join(_families())}")
+        return [f.strip().lower() for f in v]
 
     @field_validator("encoder")
     @classmethod
@@ -85,6 +99,12 @@ class BuildConfig(AtmConfig):
         if v is not None and v not in ENCODERS:
             raise ValueError(f"unknown encoder {v!r}; available: {', '.join(sorted(ENCODERS))}")
         return v
+
+
+def _families() -> tuple[str, ...]:
+    from atm.prompting.tokens import FAMILIES
+
+    return FAMILIES
 
 
 # ----------------------------------------------------------------------------------- arrow
@@ -472,9 +492,8 @@ def build_dataset(cfg: BuildConfig) -> Path:
                 "label_balance": st["labels"], "chosen_balance": st["chosen"],
                 "mean_margin_bps": round(st["margin_sum"] / st["pairs"], 3) if st["pairs"] else None,
                 "prompt_chars": _stats(chars),
-                "prompt_tokens_est": _stats(np.ceil(chars / 4.0)),
             }
-        token_stats = _token_stats(cfg.tokenizer, tmp, split_names) if cfg.tokenizer else None
+        tokens = count_tokens(cfg, template, encoder, df, features, rows, split_of, split_names, teach_idx)
         files = {}
         for view in cfg.views:
             for split in split_names:
@@ -499,7 +518,7 @@ def build_dataset(cfg: BuildConfig) -> Path:
             "split": {**split_cfg.to_dict(), "parts": split_names},
             "splits": split_info,
             "rows": {"klines": n_all, "items": int(len(rows)), "dropped": drops},
-            "token_stats": token_stats,
+            "tokens": tokens,
             "source": {"klines": str(src), "sha256": sha256_file(src), "rows": n_all,
                        "first_open_time": _iso(ot_all.iloc[0]), "last_open_time": _iso(ot_all.iloc[-1]),
                        "interval": src_meta.get("interval"), "market": src_meta.get("market"),
@@ -531,24 +550,65 @@ def build_dataset(cfg: BuildConfig) -> Path:
     return out
 
 
-def _token_stats(tokenizer_dir: str, root: Path, splits: list[str], sample: int = 2000) -> dict[str, Any]:
-    """Exact token counts of (a sample of) the rendered SFT conversations with a real tokenizer."""
-    import pyarrow.parquet as pq
+def count_tokens(cfg: BuildConfig, template, encoder, df, features, rows: np.ndarray, split_of: np.ndarray,
+                 split_names: list[str], teach_idx: np.ndarray) -> dict[str, Any]:
+    """The card's token table: real token counts of a fixed sample of items (``token_sample`` per
+    split, evenly spaced) with each of ``token_families`` and ``tokenizer`` (``atm.prompting.tokens``).
 
-    from atm.errors import require
+    A family whose tokenizer is not on this machine, or missing ``tokenizers``/``jinja2``, gives a
+    note in the card instead of counts (the data does not depend on them); a ``tokenizer`` dir asked
+    for explicitly that cannot be loaded is an error.
+    """
+    from atm.errors import MissingDependency
+    from atm.prompting import tokens as tk
 
-    transformers = require("transformers", "train")
-    tok = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
-    out: dict[str, Any] = {"tokenizer": str(tokenizer_dir)}
-    for split in splits:
-        msgs = pq.read_table(view_file(root, "sft", split), columns=["messages"]).column("messages").to_pylist()
-        step = max(1, len(msgs) // sample)
-        counts = []
-        for m in msgs[::step]:
-            enc = tok.apply_chat_template(m, tokenize=True)
-            ids = enc["input_ids"] if hasattr(enc, "keys") else enc
-            counts.append(len(ids))
-        out[split] = {"sampled": len(counts), **_stats(np.asarray(counts))}
+    sample: dict[str, Any] = {"per_split": cfg.token_sample, "rule": "evenly spaced over each split's items, "
+                              "first and last included", "items": {}, "counted": {}, "rows": {}}
+    picked = []
+    for si, split in enumerate(split_names):
+        srows = rows[split_of[rows] == si]
+        pos = tk.sample_positions(len(srows), cfg.token_sample)
+        sample["items"][split] = int(len(srows))
+        sample["counted"][split] = int(len(pos))
+        sample["rows"][split] = [int(r) for r in srows[pos]]
+        picked.append(srows[pos])
+    out: dict[str, Any] = {"sample": sample, "counters": {}, "note": None}
+    specs = list(cfg.token_families) + ([cfg.tokenizer] if cfg.tokenizer else [])
+    if not specs or cfg.token_sample == 0:
+        out["note"] = "Token counting was off for this build (no token_families / tokenizer, or token_sample: 0)."
+        return out
+    missing = tk.missing_packages()
+    if missing:
+        if cfg.tokenizer:
+            raise MissingDependency(f"counting tokens with {cfg.tokenizer} needs {', '.join(missing)}: "
+                                    "pip install 'atm[tokens]' -c constraints.txt")
+        out["note"] = (f"No token counts: {', '.join(missing)} not installed where this dataset was built. "
+                       "Install them with: pip install 'atm[tokens]' -c constraints.txt, then rebuild.")
+        return out
+    all_rows = np.concatenate(picked)
+    contexts = encoder.encode(df, all_rows, features)
+    changes = encoder.answer_changes(df, all_rows)
+    answers = [template.answer(ADVICES[teach_idx[r]], ch) for r, ch in zip(all_rows.tolist(), changes)]
+    bounds = np.cumsum([0] + [len(p) for p in picked])
+    unavailable = []
+    for spec in specs:
+        try:
+            counter = tk.load_counter(spec)
+        except AtmError as exc:
+            if spec == cfg.tokenizer:
+                raise
+            out["counters"][spec] = {"error": str(exc)}
+            unavailable.append(spec)
+            continue
+        c = tk.count_items(template, counter, contexts, answers)
+        entry: dict[str, Any] = {"source": counter.source, "all": c.summary()}
+        for si, split in enumerate(split_names):
+            a, b = bounds[si], bounds[si + 1]
+            part = tk.ItemCounts(c.counter, c.prefix, c.prompt[a:b], c.per_item[a:b], c.context[a:b], c.answer[a:b])
+            entry[split] = part.summary()
+        out["counters"][counter.name if spec != cfg.tokenizer else spec] = entry
+    if unavailable:
+        out["note"] = f"Not counted: {', '.join(unavailable)} (see the table); `atm doctor --build` builds the family tokenizers."
     return out
 
 
@@ -597,18 +657,19 @@ def render_card(info: dict[str, Any]) -> str:
               f"- Split: `{info['split']['method']}`, embargo {info['split']['embargo']} minutes between parts",
               f"- Minutes dropped: {json.dumps(info['rows']['dropped'])}",
               "", "## Splits", "",
-              "| split | range | items | pairs | labels BUY/NOOP/SELL | chosen BUY/NOOP/SELL | mean margin (bps) | prompt tokens (chars/4) p50 / max |",
+              "| split | range | items | pairs | labels BUY/NOOP/SELL | chosen BUY/NOOP/SELL | mean margin (bps) | prompt characters p50 / max |",
               "|---|---|---|---|---|---|---|---|"]
     for sp in splits:
         d = info["splits"][sp]
         lb, cb = d["label_balance"], d["chosen_balance"]
-        tk = d["prompt_tokens_est"]
+        ch = d["prompt_chars"]
         lines.append(f"| {sp} | {d['first_open_time']} .. {d['last_open_time']} | {d['items']:,} | {d['pairs']:,} | "
                      f"{lb['BUY']:,} / {lb['NOOP']:,} / {lb['SELL']:,} | {cb['BUY']:,} / {cb['NOOP']:,} / {cb['SELL']:,} | "
-                     f"{d['mean_margin_bps']} | {tk.get('p50')} / {tk.get('max')} |")
-    if info.get("token_stats"):
-        lines += ["", f"Token counts with `{info['token_stats']['tokenizer']}` (full SFT conversation): "
-                  + "; ".join(f"{sp}: {json.dumps({k: v for k, v in info['token_stats'][sp].items()})}" for sp in splits)]
+                     f"{d['mean_margin_bps']} | {ch.get('p50')} / {ch.get('max')} |")
+    if info.get("tokens"):
+        from atm.prompting.tokens import token_table_lines
+
+        lines += ["", *token_table_lines(info["tokens"], splits)]
     lines += ["", "## Full config", "", "```yaml", yaml.safe_dump(info["config"], sort_keys=False).rstrip(), "```",
               "", "## Template (as rendered, with its examples)", "", "```yaml", tpl["yaml"].rstrip(), "```",
               "", f"Built {info['provenance']['created']} with `{info['provenance']['command']}`.", ""]
