@@ -162,3 +162,63 @@ def test_advice_reward_takes_trl_conversational_completions():
     assert completion_text([{"role": "assistant", "content": "a"}, {"role": "assistant", "content": "b"}]) == "ab"
     with pytest.raises(ValueError):
         advice_reward(completions=["x"], ret_BUY=[0.0], ret_NOOP=[0.0], ret_SELL=[0.0, 1.0])
+
+
+def test_schema_order_follows_the_answer_format():
+    from atm.prompting.advice import ANSWER_FORMATS, answer_order
+
+    assert load_schema() == load_schema("change-first")  # the file is written change-first
+    adv = load_schema("advice-first")
+    assert list(adv["properties"]) == adv["required"] == ["advice", "predicted_open_change"]
+    assert adv["properties"]["advice"] == load_schema()["properties"]["advice"]
+    assert {k: answer_order(v) for k, v in ANSWER_FORMATS.items()} == {k: k for k in ANSWER_FORMATS}
+    with pytest.raises(ValueError):
+        load_schema("advice-last")
+
+
+def _keys(text: str) -> list[str]:
+    return list(json.loads(text, object_pairs_hook=lambda pairs: dict(pairs)))
+
+
+@pytest.mark.parametrize("fmt", ["change-first", "advice-first"])
+def test_llama_cpp_grammar_writes_the_schema_order(fmt):
+    """llama.cpp constrained by the ordered schema (its grammar, as llama-server, llama-cpp-python and
+    Ollama build it) writes the keys in that order, with a real trained model (SmolLM2-135M)."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from atm.export.gguf import quiet_stderr
+    from atm.finetune.families import smollm2_gguf
+
+    grammar = llama_cpp.LlamaGrammar.from_json_schema(json.dumps(load_schema(fmt)), verbose=False)
+    with quiet_stderr():
+        llm = llama_cpp.Llama(model_path=str(smollm2_gguf()), n_ctx=256, n_threads=1, verbose=False)
+    try:
+        for prompt in ("Advice as JSON:", '{"predicted_open_change": "1.00000000", "advice": "BUY"}\nNext:'):
+            out = llm.create_completion(prompt, grammar=grammar, max_tokens=48, temperature=0.0, seed=0)
+            text = out["choices"][0]["text"]
+            assert parse_advice(text).valid, text
+            assert _keys(text) == list(load_schema(fmt)["properties"]), text
+    finally:
+        llm.close()
+
+
+def test_transformers_constraint_accepts_both_orders():
+    """lm-format-enforcer (the transformers engine and hf: provider) lets either order through, under
+    either schema order: each token of a valid answer is allowed, and the end comes only after it."""
+    torch = pytest.importorskip("torch")
+    from atm.finetune.families import build_tokenizer
+    from atm.prompting.advice import ANSWER_FORMATS
+    from atm.prompting.hf_constraint import schema_processor
+
+    tok = build_tokenizer("smollm2")
+    prompt = tok.encode("Answer: ", add_special_tokens=False)
+    for schema_fmt in ("change-first", "advice-first"):
+        for answer_fmt, answer in ANSWER_FORMATS.items():
+            text = answer.format(advice="SELL", change="-12.50000000")
+            ids = tok.encode(text, add_special_tokens=False)
+            proc = schema_processor(tok, load_schema(schema_fmt))
+            for k in range(len(ids) + 1):
+                seq = torch.tensor([prompt + ids[:k]])
+                mask = proc(seq, torch.zeros(1, len(tok)))
+                want = ids[k] if k < len(ids) else tok.eos_token_id
+                assert mask[0, want] == 0.0, (schema_fmt, answer_fmt, k, tok.decode(ids[:k]))
+            assert mask[0, tok.encode("x", add_special_tokens=False)[0]] == float("-inf")

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from atm.errors import AtmError
-from atm.prompting.advice import score_advice
+from atm.prompting.advice import parse_advice, score_advice
 from atm.prompting.dataset import VIEWS, BuildConfig, build_dataset, view_file
 from atm.prompting.encoders import get_encoder
 from atm.prompting.template import Template
@@ -272,3 +272,20 @@ def test_trl_orpo_trainer_reads_the_preference_view(tmp_path, sample_dataset):
     assert len(prepared[0]["chosen_input_ids"]) > len(prepared[0]["prompt_input_ids"])
     out = trainer.train()
     assert out.global_step == 1 and np.isfinite(out.training_loss)
+
+
+def test_advice_first_template_builds_an_advice_first_dataset(tmp_path, btc_parquet):
+    """The template's answer order reaches every view and the schema dataset.json carries (which merge
+    copies into atm_model.json and the registry, and constrained decoding follows)."""
+    ds = _build(tmp_path, btc_parquet, "adv", template="compact-advice-first", token_families=[])
+    info = json.loads((ds / "dataset.json").read_text())
+    assert info["encoder"]["name"] == "compact"
+    assert list(info["schema"]["properties"]) == info["schema"]["required"] == ["advice", "predicted_open_change"]
+    assert Template.from_yaml(info["template"]["yaml"]).answer_format == "advice-first"
+    sft = pq.read_table(view_file(ds, "sft", "verify")).to_pylist()[:50]
+    pref = pq.read_table(view_file(ds, "preference", "train")).to_pylist()[:50]
+    items = _items(ds, "verify").head(50)
+    for text in ([r["messages"][-1]["content"] for r in sft] + [r["chosen"][0]["content"] for r in pref]
+                 + [r["rejected"][0]["content"] for r in pref] + list(items["answer"])):
+        assert text.startswith('{"advice": "') and parse_advice(text).valid, text
+    assert all(parse_advice(a).advice == lab for a, lab in zip(items["answer"], items["label"]))

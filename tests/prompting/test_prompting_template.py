@@ -106,3 +106,74 @@ def test_choose_examples_balanced_seeded_and_from_candidates_only():
     b = choose_examples(labels, train, 3, seed=0)
     assert sorted(labels[b].tolist()) == ["BUY", "NOOP", "SELL"]
     assert len(choose_examples(labels, train, 0)) == 0
+
+
+def _seed_data() -> dict:
+    import yaml
+
+    return yaml.safe_load((ROOT / "prompts" / "seed.yaml").read_text())
+
+
+def test_answer_format_option_orders_the_answer_and_the_schema():
+    import yaml
+
+    data = _seed_data()
+    data.pop("answer")
+    t = Template.from_yaml(yaml.safe_dump({**data, "answer_format": "advice-first"}))
+    assert t.answer_format == "advice-first"
+    assert t.answer("BUY", 1.5) == '{"advice": "BUY", "predicted_open_change": "1.50000000"}'
+    assert list(t.schema()["properties"]) == ["advice", "predicted_open_change"] == t.schema()["required"]
+    assert {k: v for k, v in t.schema().items() if k not in ("properties", "required")} == \
+        {k: v for k, v in load_schema().items() if k not in ("properties", "required")}
+    again = Template.from_yaml(t.to_yaml())
+    assert again.answer_format == "advice-first" and again.to_yaml() == t.to_yaml()
+    # the answer text alone gives its order; the shipped templates write the change first
+    for name in ("seed", "seed-compat", "natural", "compact"):
+        s = Template.load(name)
+        assert s.answer_format == "change-first" and s.schema() == load_schema()
+        assert list(s.schema()["properties"]) == ["predicted_open_change", "advice"]
+    written = Template.from_yaml(yaml.safe_dump({**data, "answer": '{{"advice":"{advice}","predicted_open_change":"{change}"}}'}))
+    assert written.answer_format == "advice-first" and written.answer("SELL", "0.00000000") == \
+        '{"advice":"SELL","predicted_open_change":"0.00000000"}'
+    shipped = Template.load("compact-advice-first")
+    assert shipped.answer_format == "advice-first" and shipped.spec.encoder == "compact"
+    assert shipped.render("x")[-1]["content"].index("advice (BUY") < shipped.render("x")[-1]["content"].index(
+        "predicted_open_change (8")  # the instruction names the properties in the answer's order
+
+
+@pytest.mark.parametrize("patch, match", [
+    ({"answer_format": "advice-first"}, "answer_format is advice-first but the answer writes the change first"),
+    ({"answer_format": "change-last"}, "answer_format"),
+])
+def test_answer_format_must_agree_with_the_answer(patch, match):
+    import yaml
+
+    with pytest.raises(ConfigError, match=match):
+        Template.from_yaml(yaml.safe_dump({**_seed_data(), **patch}))
+
+
+@pytest.mark.parametrize("fmt", ["change-first", "advice-first"])
+def test_both_answer_orders_parse_score_and_split_for_loglik(fmt):
+    import yaml
+
+    from atm.eval.llm import answer_pieces
+    from atm.export.check import answer_regex
+    import regex
+
+    data = _seed_data()
+    data.pop("answer")
+    t = Template.from_yaml(yaml.safe_dump({**data, "answer_format": fmt}))
+    other = Template.load("seed") if fmt == "advice-first" else Template.load("compact-advice-first")
+    pattern = regex.compile(answer_regex(t.to_yaml()))
+    for advice in ("BUY", "NOOP", "SELL"):
+        for change in (0.0, -12.345, 98765.4321):
+            a = t.answer(advice, change)
+            p = parse_advice(a)
+            assert p.valid and p.advice == advice and p.predicted_change == round(change, 8)
+            jsonschema.Draft202012Validator(t.schema()).validate(json.loads(a))
+            assert list(json.loads(a)) == list(t.schema()["properties"])  # the schema's order is the answer's
+            assert pattern.fullmatch(a) and not pattern.fullmatch(other.answer(advice, change))
+    pieces = answer_pieces(t.spec.answer)
+    assert pieces["advice_first"] is (fmt == "advice-first")
+    if fmt == "advice-first":  # loglik scores the options right after this text: nothing to decode first
+        assert pieces["before_advice"] == '{"advice": "'

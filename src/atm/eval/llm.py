@@ -49,10 +49,12 @@ def _gen(options: dict[str, Any]) -> dict[str, Any]:
     return GenerationSpec(**g).to_dict() if not isinstance(g, GenerationSpec) else g.to_dict()
 
 
-def _schema() -> dict[str, Any]:
-    from atm.prompting.advice import load_schema
+def _schema(answer_format: str | None = None) -> dict[str, Any]:
+    """The answer schema, its properties in the order of ``answer_format`` (a template's answer text):
+    constrained decoders write them in schema order, so the model answers in its trained order."""
+    from atm.prompting.advice import answer_order, load_schema
 
-    return load_schema()
+    return load_schema(answer_order(answer_format) if answer_format else None)
 
 
 def parsed_prediction(item_id: str, raw: str | None, latency: float, **extra: Any) -> Prediction:
@@ -216,7 +218,7 @@ class OpenAIProvider(_Retrying):
         self.client = openai.OpenAI(base_url=self.base_url, api_key=os.environ.get("OPENAI_API_KEY", "none"),
                                     max_retries=0, timeout=float(self.gen["timeout"]))
         self._openai = openai
-        self.schema = _schema()
+        self.schema = _schema(_template_answer_format(options))
         self._no_logprobs = False
         self._pieces = answer_pieces(_template_answer_format(options))
 
@@ -324,7 +326,7 @@ class OllamaProvider(_Retrying):
         self.host = os.environ.get("OLLAMA_HOST", "http://127.0.0.1:11434")
         self.client = ollama.Client(host=self.host, timeout=float(self.gen["timeout"]))
         self._ollama = ollama
-        self.schema = _schema()
+        self.schema = _schema(_template_answer_format(options))
 
     def _attempt(self, item: dict, mode: str) -> Prediction:
         import httpx
@@ -359,7 +361,7 @@ class AtmProvider(_Retrying):
         from atm.eval.providers import resolve_registry
 
         self.entry = resolve_registry(spec, arg)
-        self.schema = self.entry.schema or _schema()
+        self.schema = self.entry.schema or _schema(_template_answer_format(options, self.entry.template))
         self._pieces = answer_pieces(_template_answer_format(options, self.entry.template))
         self.template_check = self._check_template(options)
         if self.template_check.get("mismatch"):
@@ -630,7 +632,7 @@ class HFProvider(_Retrying):
         template = t.get("yaml") if isinstance(t, dict) else t if isinstance(t, str) else None
         self._answer_format = _template_answer_format(options, template)
         self._pieces = answer_pieces(self._answer_format)
-        self.schema = meta["schema"] if isinstance(meta.get("schema"), dict) else _schema()
+        self.schema = meta["schema"] if isinstance(meta.get("schema"), dict) else _schema(self._answer_format)
 
     def _load(self):
         if self._model is None:

@@ -80,9 +80,46 @@ def _schema_text() -> str:
     return schema_path().read_text()
 
 
-def load_schema() -> dict[str, Any]:
-    """The advice JSON Schema (a fresh dict each call, safe to modify)."""
-    return json.loads(_schema_text())
+#: The answer formats a template can pick (``answer_format`` in ``prompts/*.yaml``): the assistant's
+#: text (str.format with {change} and {advice}). ``advice-first`` lets loglik scoring rank the three
+#: advice options right after the prompt, without decoding the change first.
+ANSWER_FORMATS: dict[str, str] = {
+    "change-first": '{{"predicted_open_change": "{change}", "advice": "{advice}"}}',
+    "advice-first": '{{"advice": "{advice}", "predicted_open_change": "{change}"}}',
+}
+_KEY_ORDER = {"change-first": ("predicted_open_change", "advice"),
+              "advice-first": ("advice", "predicted_open_change")}
+
+
+def answer_order(fmt: str) -> str:
+    """``"advice-first"`` or ``"change-first"``: which value an answer format text writes first."""
+    s = fmt.format(change="\x00C\x00", advice="\x00A\x00")
+    if "\x00A\x00" not in s or "\x00C\x00" not in s:
+        raise ValueError(f"an answer format needs both {{change}} and {{advice}}: {fmt!r}")
+    return "advice-first" if s.index("\x00A\x00") < s.index("\x00C\x00") else "change-first"
+
+
+def load_schema(answer_format: str | None = None) -> dict[str, Any]:
+    """The advice JSON Schema (a fresh dict each call, safe to modify).
+
+    With ``answer_format`` (``"change-first"`` / ``"advice-first"``) its ``properties`` and
+    ``required`` list the two keys in that order. Constrained decoders write an object's properties
+    in schema order (llama.cpp's grammar converter, so llama-server, llama-cpp-python and Ollama;
+    vLLM's xgrammar), so a model trained on one order is constrained to that order. The parser
+    accepts both orders either way.
+    """
+    schema = json.loads(_schema_text())
+    if answer_format is None:
+        return schema
+    if answer_format not in _KEY_ORDER:
+        raise ValueError(f"answer_format must be one of {list(_KEY_ORDER)}, got {answer_format!r}")
+    order = _KEY_ORDER[answer_format]
+    props = schema.get("properties", {})
+    schema["properties"] = {**{k: props[k] for k in order if k in props},
+                            **{k: v for k, v in props.items() if k not in order}}
+    req = schema.get("required", [])
+    schema["required"] = [k for k in order if k in req] + [k for k in req if k not in order]
+    return schema
 
 
 @lru_cache(maxsize=1)
@@ -117,7 +154,8 @@ def parse_advice(text: str | None) -> ParsedAdvice:
 
     Valid only if ``text`` (stripped of surrounding whitespace) is one JSON object with exactly
     the keys ``predicted_open_change`` (a decimal string with 8 decimals) and ``advice``
-    (``BUY``/``NOOP``/``SELL``, case-sensitive). Never raises on any string input.
+    (``BUY``/``NOOP``/``SELL``, case-sensitive), in either order (``ANSWER_FORMATS``). Never
+    raises on any string input.
     """
     if text is None or not isinstance(text, str) or not text.strip():
         return _invalid("empty", "no text")

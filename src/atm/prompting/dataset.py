@@ -500,8 +500,6 @@ def build_dataset(cfg: BuildConfig) -> Path:
                 f = view_file(tmp, view, split)
                 files[str(f.relative_to(tmp))] = sha256_file(f)
         files["klines.parquet"] = sha256_file(tmp / "klines.parquet")
-        from atm.prompting.advice import load_schema
-
         info = {
             "kind": "atm.dataset", "name": name, "symbol": symbol,
             "config": cfg.to_dict(),
@@ -509,7 +507,7 @@ def build_dataset(cfg: BuildConfig) -> Path:
             "template": {"name": template.name, "path": str(cfg.template), "sha256": template.sha256,
                          "yaml": template.to_yaml(), "fewshot_k": n_shots, "fewshot_seed": fs_seed,
                          "example_rows": [int(x) for x in examples_rows]},
-            "schema": load_schema(),
+            "schema": template.schema(),  # ordered as the template's answer: decoders follow it
             "label": {**label_cfg.to_dict(), "label_horizon": label_horizon(label_cfg)},
             "returns": {"horizon": cfg.horizon, "fee": cfg.fee, "slippage_bps": cfg.slippage_bps,
                         "entry": "open(t)", "exit": f"open(t+{cfg.horizon})"},

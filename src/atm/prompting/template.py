@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Literal, Sequence
 
 import numpy as np
 import yaml
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from atm.config import AtmConfig, validate
 from atm.errors import ConfigError
@@ -71,8 +71,13 @@ class TemplateSpec(AtmConfig):
     instruction: str = Field(description="the task instruction")
     input: str = Field(default="{instruction}\n\nInput:\n{context}",
                        description="user message; placeholders {instruction} and {context}")
+    answer_format: Literal["change-first", "advice-first"] | None = Field(
+        default=None, description="which value the answer writes first: change-first (the original's) or "
+        "advice-first (loglik scores the advice right after the prompt); sets the default `answer` and the "
+        "schema's property order, which constrained decoding follows (default: read from `answer`)")
     answer: str = Field(default='{{"predicted_open_change": "{change}", "advice": "{advice}"}}',
-                        description="assistant answer (str.format with {change} and {advice}; braces doubled)")
+                        description="assistant answer (str.format with {change} and {advice}; braces doubled); "
+                        "its order must match answer_format")
     schema_file: str = Field(default="advice.schema.json", alias="schema",
                              description="JSON Schema of the answer, relative to prompts/")
     encoder: str | None = Field(default=None, description="encoder the template is written for (a default)")
@@ -82,6 +87,31 @@ class TemplateSpec(AtmConfig):
                                     description="k-shot examples (written in, or filled by the builder from train)")
 
     model_config = AtmConfig.model_config | {"populate_by_name": True}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _answer_format(cls, data: Any) -> Any:
+        """``answer_format`` alone picks its answer text; ``answer`` alone gives its format; both must agree."""
+        from atm.prompting.advice import ANSWER_FORMATS, answer_order
+
+        if not isinstance(data, dict):
+            return data
+        fmt, answer = data.get("answer_format"), data.get("answer")
+        if fmt is not None and fmt not in ANSWER_FORMATS:
+            return data  # the Literal reports it
+        if answer is None:
+            return {**data, "answer_format": fmt or "change-first",
+                    "answer": ANSWER_FORMATS[fmt or "change-first"]}
+        if not isinstance(answer, str):
+            return data
+        try:
+            order = answer_order(answer)
+        except (ValueError, KeyError, IndexError):
+            return data  # Template() reports placeholder errors with the file name
+        if fmt is not None and fmt != order:
+            raise ValueError(f"answer_format is {fmt} but the answer writes "
+                             f"{'the advice' if order == 'advice-first' else 'the change'} first: {answer!r}")
+        return {**data, "answer_format": order}
 
     @field_validator("input")
     @classmethod
@@ -157,10 +187,17 @@ class Template:
                             for e in examples]
         return Template(validate(TemplateSpec, data, source=self.path or self.name), path=self.path)
 
+    @property
+    def answer_format(self) -> str:
+        """``"change-first"`` or ``"advice-first"``: the order the answer writes its two values."""
+        return self.spec.answer_format or "change-first"
+
     def schema(self) -> dict[str, Any]:
+        """The answer schema, its properties in this template's answer order (constrained decoding
+        writes them in schema order)."""
         from atm.prompting.advice import load_schema
 
-        return load_schema()
+        return load_schema(self.answer_format)
 
     # ---------------------------------------------------------------- rendering
     def answer(self, advice: str, predicted_change: float | str) -> str:
