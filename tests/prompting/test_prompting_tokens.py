@@ -135,7 +135,8 @@ def test_card_reports_real_counts_per_family(sample_dataset):
     samp = tokens["sample"]
     for split in ("train", "verify"):
         n = info["splits"][split]["items"]
-        assert samp["items"][split] == n and samp["counted"][split] == min(200, n) == len(samp["rows"][split])
+        k = BuildConfig.model_fields["token_sample"].default
+        assert samp["items"][split] == n and samp["counted"][split] == min(k, n) == len(samp["rows"][split])
         # evenly spaced over the split's items, first and last included
         items = __import__("pyarrow.parquet", fromlist=["x"]).read_table(
             sample_dataset / "items" / "data" / f"{split}-00000-of-00001.parquet", columns=["row"]).column("row").to_numpy()

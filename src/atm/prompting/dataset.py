@@ -79,7 +79,7 @@ class BuildConfig(AtmConfig):
                                       "prompts of the card's token table ([] = none); built by `atm doctor --build`")
     tokenizer: str | None = Field(default=None, description="also count with this HF tokenizer / model dir "
                                   "(an error if it cannot be loaded)")
-    token_sample: int = Field(default=200, ge=0, description="items per split whose tokens are counted: evenly "
+    token_sample: int = Field(default=100, ge=0, description="items per split whose tokens are counted: evenly "
                               "spaced, first and last included (0 = no counting)")
     overwrite: bool = Field(default=False, description="replace an existing output folder")
 
