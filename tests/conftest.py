@@ -149,5 +149,13 @@ def cli():
     return run_cli
 
 
+@pytest.fixture(scope="session")
+def gotemplate(tmp_path_factory) -> Path:
+    """tests/export/gotemplate built with Debian's golang-go (scripts/setup.sh --tests installs it)."""
+    from ollama_go import build_gotemplate
+
+    return build_gotemplate(tmp_path_factory.mktemp("gotemplate"))
+
+
 def have(binary: str) -> bool:
     return shutil.which(binary) is not None

@@ -26,9 +26,9 @@ from atm.export.modelfile import WHITESPACE, build_modelfile, parse_modelfile, p
 from atm.export.registry import Entry
 from atm.prompting.advice import load_schema
 from atm.prompting.template import Example, Template
+from ollama_go import go_render
 
 ROOT = Path(__file__).resolve().parents[2]
-GO_SRC = Path(__file__).resolve().parent / "gotemplate" / "main.go"
 
 
 # --------------------------------------------------------------------------- sources
@@ -102,30 +102,6 @@ def family(request) -> dict:
 
 
 # --------------------------------------------------------------------------- Go and HF renderers
-@pytest.fixture(scope="session")
-def gotemplate(tmp_path_factory) -> Path:
-    """tests/export/gotemplate built with Debian's golang-go (scripts/setup.sh --tests installs it)."""
-    go = shutil.which("go")
-    if go is None:
-        pytest.skip("Go is not installed (scripts/setup.sh --tests installs Debian's golang-go): "
-                    "the Modelfile TEMPLATE cannot be rendered by Go here")
-    out = tmp_path_factory.mktemp("gotemplate")
-    env = {**os.environ, "GOCACHE": str(out / "cache"), "GOPATH": str(out / "gopath"), "GOPROXY": "off",
-           "GOTOOLCHAIN": "local", "GOFLAGS": "", "CGO_ENABLED": "0"}
-    proc = subprocess.run([go, "build", "-o", str(out / "gotemplate"), str(GO_SRC)], env=env,
-                          capture_output=True, text=True, cwd=out)
-    assert proc.returncode == 0, proc.stderr
-    return out / "gotemplate"
-
-
-def go_render(exe: Path, modelfile: str, requests: list[list[dict]]) -> list[str]:
-    """The prompts an Ollama server would build from ``modelfile`` for each chat request."""
-    proc = subprocess.run([str(exe)], input=json.dumps({"modelfile": modelfile, "requests": requests}),
-                          capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
-    return json.loads(proc.stdout)["prompts"]
-
-
 def hf_render(fam: dict, messages: list[dict]) -> str:
     """transformers' chat template rendering (what ``apply_chat_template(tokenize=False,
     add_generation_prompt=True)`` returns: this renderer with the tokenizer's special tokens)."""

@@ -100,7 +100,10 @@ def parse_spec(spec: str) -> tuple[str, str]:
     prefix, sep, rest = spec.partition(":")
     if not sep or prefix not in REGISTRY:
         # registry names of other namespaces (e.g. mymodel:q4) resolve through the model registry
-        if sep and rest and prefix.isidentifier():
+        from atm.export.registry import valid_name
+
+        # a registry name may hold '-' and '.' (smollm2-135m:q8, qwen2.5:q4): any valid name:tag
+        if sep and rest and valid_name(prefix) and valid_name(rest):
             return "atm", spec
         raise AtmError(f"unknown model {spec!r}; valid forms:\n  " + "\n  ".join(VALID_FORMS))
     return prefix, rest

@@ -36,6 +36,11 @@ def tag_for(quant: str) -> str:
     return TAGS.get(quant.lower(), quant.lower())
 
 
+def valid_name(name: str) -> bool:
+    """Whether ``name`` can be a registry name or tag (``qwen2.5``, ``fam-phi-3``, ``q8``)."""
+    return bool(_NAME_RE.match(name or ""))
+
+
 def check_name(name: str, what: str = "model name") -> str:
     if not _NAME_RE.match(name or ""):
         raise AtmError(f"{what} {name!r} is not valid: use lower-case letters, digits, '.', '_' or '-' "

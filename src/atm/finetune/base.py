@@ -222,6 +222,25 @@ def load_base(model: str | Path, trust_remote_code: bool = False, dtype: str | N
     return lm, tok
 
 
+# Tokenizer files a transformers ``save_pretrained`` of a fast tokenizer does not write back, but
+# later stages read: llama.cpp's converter takes Phi-3's (and other SentencePiece models')
+# vocabulary from tokenizer.model itself.
+TOKENIZER_ASSETS = ("tokenizer.model",)
+
+
+def copy_tokenizer_assets(src: str | Path, dst: str | Path) -> list[str]:
+    """Copy :data:`TOKENIZER_ASSETS` from model dir ``src`` into ``dst`` where ``dst`` lacks them."""
+    src, dst = Path(str(src)).expanduser(), Path(dst)
+    copied = []
+    if not src.is_dir():
+        return copied
+    for name in TOKENIZER_ASSETS:
+        if (src / name).is_file() and not (dst / name).exists():
+            shutil.copyfile(src / name, dst / name)
+            copied.append(name)
+    return copied
+
+
 def copy_base(model: str | Path, out: str | Path, trust_remote_code: bool = False) -> Path:
     """Validate a real base (loads, has a chat template, safetensors) and save a copy to ``out``."""
     lm, tok = load_base(model, trust_remote_code=trust_remote_code)
@@ -231,6 +250,7 @@ def copy_base(model: str | Path, out: str | Path, trust_remote_code: bool = Fals
         shutil.rmtree(tmp)
     lm.save_pretrained(tmp, safe_serialization=True)
     tok.save_pretrained(tmp)
+    copy_tokenizer_assets(model, tmp)
     from atm.utils import provenance, write_json_atomic
 
     write_json_atomic(tmp / "atm_base.json", provenance(None, kind="copy", source=str(model),

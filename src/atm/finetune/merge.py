@@ -105,6 +105,10 @@ def merge(adapter_dir: str | Path, out: str | Path, dtype: str = "float32") -> P
         shutil.rmtree(tmp)
     merged.save_pretrained(str(tmp), safe_serialization=True)
     tok.save_pretrained(str(tmp))
+    from atm.finetune.base import copy_tokenizer_assets
+
+    copy_tokenizer_assets(adapter_dir, tmp)
+    copy_tokenizer_assets(_adapter_base(adapter_dir), tmp)
     card = _model_card(adapter_dir)
     write_json_atomic(tmp / MODEL_FILE, {**card, "adapter": str(adapter_dir),
                                          "provenance": provenance(None, dtype=dtype)})

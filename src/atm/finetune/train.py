@@ -403,6 +403,9 @@ def train(method: str, recipe: str | Path | None, overrides: Iterable[str] = ())
     trainer.save_model(str(run_dir))  # every rank: FSDP / ZeRO-3 gather the weights, rank 0 writes
     if main:
         tok.save_pretrained(str(run_dir))
+        from atm.finetune.base import copy_tokenizer_assets
+
+        copy_tokenizer_assets(cfg.model, run_dir)
         state = trainer.state
         write_json_atomic(run_dir / RUN_FILE, {
             **run_info, "status": "done", "global_step": state.global_step,
