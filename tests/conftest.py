@@ -7,11 +7,13 @@ base -> SFT adapter -> merged model -> GGUF files in a temp registry.
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -27,6 +29,10 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("ATM_NO_PROGRESS", "1")
+# ORPO's tokenized-rows cache (atm.finetune.tokenized): one per session, not the user's.
+if "ATM_TOKENIZED_CACHE" not in os.environ:
+    os.environ["ATM_TOKENIZED_CACHE"] = tempfile.mkdtemp(prefix="atm-test-tokenized-")
+    atexit.register(shutil.rmtree, os.environ["ATM_TOKENIZED_CACHE"], True)
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "datasets" / "samples" / "binance"

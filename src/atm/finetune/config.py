@@ -135,6 +135,18 @@ class FinetuneConfig(AtmConfig):
                                "output_dir when there is one; true: require one; false: start "
                                "fresh; or a checkpoint path.")
     dataloader_num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
+    dataset_num_proc: int | None = Field(None, ge=1, description="Processes that tokenize the "
+                                         "training rows (ORPO's batched build, TRL's SFT "
+                                         "preparation). None: one process; the fast tokenizer "
+                                         "already uses every core for its batch calls, so on 2 "
+                                         "cores more processes only pay their start-up; worth it "
+                                         "on machines with many cores.")
+    tokenized_cache: bool = Field(True, description="Keep ORPO's tokenized rows and reuse them on "
+                                  "reruns and resumes with the same data, tokenizer, chat "
+                                  "template and max_length (any change builds a new entry).")
+    tokenized_cache_dir: str | None = Field(None, description="Where tokenized rows are kept "
+                                            "(None: $ATM_CACHE/tokenized, by default "
+                                            "~/.cache/atm/tokenized; ~2 KB per ORPO pair).")
 
     @model_validator(mode="after")
     def _check(self) -> "FinetuneConfig":

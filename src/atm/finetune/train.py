@@ -41,10 +41,15 @@ def load_config(method: str, recipe: str | Path | None, overrides: Iterable[str]
     return cfg
 
 
+def split_file(data: str | Path, view: str, split: str = "train") -> Path:
+    """The parquet file of one split of one view of an ATM dataset."""
+    return Path(data) / view / "data" / f"{split}-00000-of-00001.parquet"
+
+
 def load_split(data: str | Path, view: str, split: str = "train", columns: list[str] | None = None):
     """One split of one view of an ATM dataset as a `datasets.Dataset`."""
     datasets = require("datasets", "train")
-    f = Path(data) / view / "data" / f"{split}-00000-of-00001.parquet"
+    f = split_file(data, view, split)
     if not f.exists():
         raise DataError(f"missing {view}/{split} split (build the dataset with `atm prompts build`)",
                         str(f))
@@ -311,7 +316,8 @@ def build_trainer(method: str, cfg: FinetuneConfig, model, tok, train_ds, callba
         train_ds = sft_dataset(cfg, tok, train_ds)
         args = trl.SFTConfig(**common, max_length=cfg.max_length, packing=cfg.sft.packing,
                              assistant_only_loss=cfg.sft.assistant_only_loss,
-                             completion_only_loss=cfg.sft.completion_only_loss, dataset_num_proc=None)
+                             completion_only_loss=cfg.sft.completion_only_loss,
+                             dataset_num_proc=cfg.dataset_num_proc)
         return trl.SFTTrainer(model=model, args=args, train_dataset=train_ds, processing_class=tok,
                               peft_config=peft_cfg, callbacks=callbacks)
     if method == "orpo":
@@ -325,15 +331,22 @@ def build_trainer(method: str, cfg: FinetuneConfig, model, tok, train_ds, callba
     raise ConfigError(f"unknown method {method!r}")
 
 
-def check_lengths(method: str, cfg: FinetuneConfig, model, tok, ds, sample: int = 2000) -> dict[str, Any]:
+def check_lengths(method: str, cfg: FinetuneConfig, model, tok, ds, sample: int = 2000,
+                  measured: dict[str, Any] | None = None) -> dict[str, Any]:
     """Refuse a run whose rows would not fit: TRL cuts rows longer than ``max_length`` from the
     end, which removes the answer the row exists to teach (a real tokenizer that splits digits
     makes the seed prompt 2-3x longer than the tiny one). Counts tokens of up to ``sample`` rows,
-    rendered with the model's chat template, and returns the figures for atm_run.json."""
+    rendered with the model's chat template, and returns the figures for atm_run.json.
+    ``measured``: figures already counted on every row (ORPO's tokenized rows: checked, max,
+    mean, over), used instead of counting a sample."""
     n_ctx = getattr(model.config, "max_position_embeddings", None)
     if n_ctx and cfg.max_length > n_ctx:
         raise ConfigError(f"max_length={cfg.max_length} is longer than the context of {cfg.model} "
                           f"({n_ctx} tokens); set max_length <= {n_ctx}")
+    if measured is not None:
+        _refuse_long_rows(method, cfg, n_ctx, measured["over"], measured["checked"], measured["max"])
+        return {"checked": measured["checked"], "max": measured["max"], "mean": measured["mean"],
+                "max_length": cfg.max_length, "model_context": n_ctx}
     idx = range(len(ds)) if len(ds) <= sample else [round(i * (len(ds) - 1) / (sample - 1))
                                                      for i in range(sample)]
     rows = ds.select(idx)
@@ -353,17 +366,20 @@ def check_lengths(method: str, cfg: FinetuneConfig, model, tok, ds, sample: int 
         else:
             lengths.append(n_tokens(row["prompt"], gen=True) + extra)
     longest = max(lengths) if lengths else 0
-    over = sum(n > cfg.max_length for n in lengths)
-    if over:
-        what = "prompt + max_completion_length" if method == "dapo" else "rows"
-        raise ConfigError(
-            f"{over} of {len(lengths)} {what} checked are longer than max_length={cfg.max_length} "
-            f"tokens with {cfg.model}'s tokenizer and chat template (longest {longest}); TRL would "
-            f"cut their answers off. Raise max_length (the model allows {n_ctx or 'unknown'}), or "
-            "use a shorter encoder or fewer k-shot examples")
+    _refuse_long_rows(method, cfg, n_ctx, sum(n > cfg.max_length for n in lengths), len(lengths), longest)
     return {"checked": len(lengths), "max": longest,
             "mean": round(sum(lengths) / len(lengths), 1) if lengths else None,
             "max_length": cfg.max_length, "model_context": n_ctx}
+
+
+def _refuse_long_rows(method: str, cfg: FinetuneConfig, n_ctx, over: int, checked: int, longest: int) -> None:
+    if over:
+        what = "prompt + max_completion_length" if method == "dapo" else "rows"
+        raise ConfigError(
+            f"{over} of {checked} {what} checked are longer than max_length={cfg.max_length} "
+            f"tokens with {cfg.model}'s tokenizer and chat template (longest {longest}); TRL would "
+            f"cut their answers off. Raise max_length (the model allows {n_ctx or 'unknown'}), or "
+            "use a shorter encoder or fewer k-shot examples")
 
 
 def train(method: str, recipe: str | Path | None, overrides: Iterable[str] = ()) -> Path:
@@ -384,7 +400,8 @@ def train(method: str, recipe: str | Path | None, overrides: Iterable[str] = ())
 
     transformers.set_seed(cfg.seed)
     model, tok = load_model_for_training(cfg)
-    lengths = check_lengths(method, cfg, model, tok, train_ds)
+    # ORPO counts every row while it tokenizes them (atm.finetune.tokenized), in build_trainer
+    lengths = None if method == "orpo" else check_lengths(method, cfg, model, tok, train_ds)
     run_info = {
         "method": method, "recipe": str(recipe) if recipe else None, "overrides": list(overrides),
         "config": cfg.to_dict(), "dataset": dataset_summary(cfg.data), "view": view,
@@ -392,6 +409,11 @@ def train(method: str, recipe: str | Path | None, overrides: Iterable[str] = ())
         "token_lengths": lengths, "provenance": provenance(cfg),
     }
     trainer = build_trainer(method, cfg, model, tok, train_ds, make_callbacks(run_dir, method))
+    prepared = getattr(trainer, "atm_prepared", None)
+    if prepared is not None:
+        run_info["token_lengths"] = prepared.info["token_lengths"]
+        run_info["tokenized"] = {k: prepared.info.get(k) for k in
+                                 ("path", "key", "hit", "seconds", "built_seconds", "num_proc")}
     run_info["distributed"] = distributed_info(cfg, trainer)
     main = is_main_process()
     if main:
