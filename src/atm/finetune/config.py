@@ -103,6 +103,11 @@ class FinetuneConfig(AtmConfig):
     max_steps: int = Field(-1, description="Optimizer steps; -1: use num_train_epochs.")
     num_train_epochs: float = Field(1.0, gt=0, description="Epochs when max_steps is -1.")
     max_train_samples: int | None = Field(None, description="Use at most this many training rows.")
+    balance_labels: bool = Field(False, description="Draw the training rows class-balanced: the "
+                                 "same number of BUY, NOOP and SELL answers (as many as the rarest "
+                                 "class has, or max_train_samples / 3), in their chronological "
+                                 "order. The seed label is ~91% NOOP on the sample, and an "
+                                 "unbalanced SFT learns to always answer NOOP. SFT and ORPO only.")
     learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate.")
     lr_scheduler_type: str = Field("cosine", description="transformers scheduler name.")
     warmup_ratio: float = Field(0.03, ge=0, le=1, description="Fraction of steps for LR warm-up.")

@@ -331,6 +331,32 @@ def build_trainer(method: str, cfg: FinetuneConfig, model, tok, train_ds, callba
     raise ConfigError(f"unknown method {method!r}")
 
 
+def balanced_rows(method: str, ds, limit: int | None):
+    """(rows with equal BUY/NOOP/SELL answers, {advice: count}): each class's rows evenly spaced
+    over the train period (not its first hours), back in dataset order; the answer's advice is
+    read with the eval's parser."""
+    from atm.prompting.advice import parse_advice
+    from atm.prompting.template import ADVICES
+
+    if method == "dapo":
+        raise ConfigError("balance_labels applies to SFT and ORPO (DAPO's reward is the realized "
+                          "return, not a label)")
+    col = "messages" if method == "sft" else "chosen"
+    by_class: dict[str, list[int]] = {a: [] for a in ADVICES}
+    for i, msgs in enumerate(ds[col]):
+        advice = parse_advice(msgs[-1]["content"]).advice
+        if advice in by_class:
+            by_class[advice].append(i)
+    per = min(len(v) for v in by_class.values())
+    if limit:
+        per = min(per, limit // len(ADVICES))
+    if per == 0:
+        counts = {a: len(v) for a, v in by_class.items()}
+        raise DataError(f"balance_labels: a class has no training rows ({counts})")
+    keep = sorted(v[(k * len(v)) // per] for v in by_class.values() for k in range(per))
+    return ds.select(keep), {a: per for a in ADVICES}
+
+
 def check_lengths(method: str, cfg: FinetuneConfig, model, tok, ds, sample: int = 2000,
                   measured: dict[str, Any] | None = None) -> dict[str, Any]:
     """Refuse a run whose rows would not fit: TRL cuts rows longer than ``max_length`` from the
@@ -392,7 +418,10 @@ def train(method: str, recipe: str | Path | None, overrides: Iterable[str] = ())
     run_dir.mkdir(parents=True, exist_ok=True)
     view, columns = VIEWS[method]
     train_ds = load_split(cfg.data, view, "train", columns)
-    if cfg.max_train_samples:
+    label_counts = None
+    if cfg.balance_labels:
+        train_ds, label_counts = balanced_rows(method, train_ds, cfg.max_train_samples)
+    elif cfg.max_train_samples:
         train_ds = train_ds.select(range(min(cfg.max_train_samples, len(train_ds))))
     resume_from = _resume_checkpoint(cfg)
 
@@ -406,7 +435,7 @@ def train(method: str, recipe: str | Path | None, overrides: Iterable[str] = ())
         "method": method, "recipe": str(recipe) if recipe else None, "overrides": list(overrides),
         "config": cfg.to_dict(), "dataset": dataset_summary(cfg.data), "view": view,
         "train_rows": len(train_ds), "base_model": cfg.model, "resumed_from": resume_from,
-        "token_lengths": lengths, "provenance": provenance(cfg),
+        "token_lengths": lengths, "balanced_labels": label_counts, "provenance": provenance(cfg),
     }
     trainer = build_trainer(method, cfg, model, tok, train_ds, make_callbacks(run_dir, method))
     prepared = getattr(trainer, "atm_prepared", None)

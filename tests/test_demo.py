@@ -1,0 +1,56 @@
+"""`atm demo` profiles: every file in demos/ is a valid DemoConfig, and names resolve."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PROFILES = sorted((ROOT / "demos").glob("*.yaml"))
+
+
+def test_profiles_exist():
+    assert {p.stem for p in PROFILES} >= {"tiny", "smollm2"}
+
+
+@pytest.mark.parametrize("path", PROFILES, ids=lambda p: p.stem)
+def test_every_profile_loads_and_names_real_files(path):
+    from atm.demo import DemoConfig
+
+    cfg = DemoConfig.load(path)
+    for rel in (cfg.dataset_recipe, cfg.recipe, cfg.shipped_dataset_recipe):
+        if rel:
+            assert (ROOT / rel).is_file(), rel
+    assert cfg.base == "tiny" or cfg.base.startswith("gguf:")
+
+
+def test_tiny_profile_is_the_default():
+    from atm.demo import DemoConfig
+
+    assert DemoConfig.load(ROOT / "demos" / "tiny.yaml").to_dict() == DemoConfig().to_dict()
+
+
+def test_unknown_profile_lists_the_known_ones(cli):
+    proc = cli("demo", "--profile", "gpt-9", check=False)
+    assert proc.returncode != 0 and "no demo profile 'gpt-9'" in proc.stderr and "smollm2, tiny" in proc.stderr
+
+
+def test_balanced_training_rows(sample_dataset):
+    from atm.finetune.train import balanced_rows, load_split
+
+    ds = load_split(sample_dataset, "sft", "train", ["messages"])
+    rows, counts = balanced_rows("sft", ds, 300)
+    assert counts == {"BUY": 100, "NOOP": 100, "SELL": 100} and len(rows) == 300
+    # spread over the train period, not its first hours; in dataset (chronological) order
+    ids = rows["id"] if "id" in rows.column_names else None
+    from atm.prompting.advice import parse_advice
+
+    got = [parse_advice(m[-1]["content"]).advice for m in rows["messages"]]
+    assert got.count("NOOP") == 100
+    pref = load_split(sample_dataset, "preference", "train", ["prompt", "chosen", "rejected"])
+    _, c2 = balanced_rows("orpo", pref, None)
+    assert len(set(c2.values())) == 1 and c2["BUY"] >= 500
+    with pytest.raises(Exception, match="SFT and ORPO"):
+        balanced_rows("dapo", ds, 30)
+    del ids
