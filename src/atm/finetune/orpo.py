@@ -109,6 +109,7 @@ def build_orpo_trainer(cfg, common: dict[str, Any], model, tok, train_ds, peft_c
             train_ds, tok, split_file(cfg.data, "preference"), cfg.max_length,
             cache_dir=cfg.tokenized_cache_dir, use_cache=cfg.tokenized_cache,
             num_proc=cfg.dataset_num_proc,
+            selection={"max_train_samples": cfg.max_train_samples, "balance_labels": cfg.balance_labels},
             # a run that will be refused is refused before it tokenizes everything
             before_build=lambda: check_lengths("orpo", cfg, model, tok, train_ds))
     # every row is measured now (not a sample): refuse any that would be cut

@@ -109,12 +109,16 @@ def library_versions() -> dict[str, str]:
     return out
 
 
-def orpo_cache_inputs(data_file: Path, rows: int, max_length: int, tok) -> dict[str, Any]:
-    """Everything the stored tokens depend on (the key is its sha256)."""
+def orpo_cache_inputs(data_file: Path, rows: int, max_length: int, tok,
+                      selection: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Everything the stored tokens depend on (the key is its sha256). ``selection``: how the rows
+    were drawn from the file (max_train_samples, balance_labels): the same count of rows can be
+    different rows."""
     from atm.utils import sha256_file
 
     return {"kind": "orpo", "version": ORPO_TOKENIZATION_VERSION,
-            "data_sha256": sha256_file(data_file), "rows": rows, "max_length": max_length,
+            "data_sha256": sha256_file(data_file), "rows": rows, "selection": selection or {},
+            "max_length": max_length,
             "tokenizer_sha256": tokenizer_fingerprint(tok), "tokenizer_class": type(tok).__name__,
             "libraries": library_versions()}
 
@@ -343,13 +347,14 @@ def lengths_from(ds, max_length: int) -> dict[str, Any]:
 
 
 def prepare_orpo(raw, tok, data_file: str | Path, max_length: int, cache_dir: str | None = None,
-                 use_cache: bool = True, num_proc: int | None = None, before_build=None) -> Prepared:
+                 use_cache: bool = True, num_proc: int | None = None, before_build=None,
+                 selection: dict[str, Any] | None = None) -> Prepared:
     """The tokenized ORPO rows of ``raw`` (the preference view's prompt/chosen/rejected), from the
     cache when an entry with the same inputs exists, else built (and stored when ``use_cache``).
     ``before_build`` runs only when a build is needed (the sampled length check: a refused run
     should not first tokenize everything)."""
     t0 = time.perf_counter()
-    inputs = orpo_cache_inputs(Path(data_file), len(raw), max_length, tok)
+    inputs = orpo_cache_inputs(Path(data_file), len(raw), max_length, tok, selection)
     key = cache_key(inputs)
     entry = cache_root(cache_dir) / f"orpo-{key}"
     info: dict[str, Any] = {"key": key, "path": str(entry) if use_cache else None, "inputs": inputs}
