@@ -387,21 +387,15 @@ def _unit_label(exp: int) -> str:
     return f" (x1{'0' * exp})"
 
 
-class CompactConfig(EncoderConfig):
-    window: int = Field(default=10, ge=1, le=512, description="bars before t in the context (t-window .. t-1)")
-    columns: list[str] = Field(default_factory=lambda: ["open_changes", "prev_volumes", "prev_trade_counts"],
-                               description=f"context columns, from: {', '.join(SERIES)}")
-    precision: int = Field(default=8, ge=0, le=12, description="decimals of the seed-json values the context "
-                           "carries exactly ('%.Nf', as seed-json's precision)")
+class CompactConfig(SeedJsonConfig):
+    """seed-json's settings (the information carried), plus an optional lossy rounding."""
+
     digits: int | None = Field(default=None, ge=1, le=12, description="None: exact (seed-json's values to "
                                "`precision` decimals). N: lossy, each column's window rounded to N significant "
                                "digits of its largest |value| (half away from zero)")
-    newest_first: bool = Field(default=False, description="order values newest first")
-
-    _cols = field_validator("columns")(classmethod(lambda cls, v: _check_columns(v)))
 
 
-class CompactEncoder(Encoder):
+class CompactEncoder(SeedJsonEncoder):
     """``seed-json``'s information as fixed-point integers: one short line per column, oldest first::
 
         open_changes (x0.01): -3507 975 -3274 8303 -1311 1208 -4840 2388 2410 -8758
@@ -426,11 +420,6 @@ class CompactEncoder(Encoder):
 
     name = "compact"
     Config = CompactConfig
-
-    @property
-    def lookback(self) -> int:
-        diff = any(SERIES[c][1] == "diff" for c in self.cfg.columns)
-        return self.cfg.window + (1 if diff else 0)
 
     def _column_lines(self, df, name: str, lo: int, hi: int, r: np.ndarray):
         import pyarrow as pa
