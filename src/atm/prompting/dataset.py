@@ -30,6 +30,7 @@ happens in a temporary folder next to ``out`` that is renamed into place only wh
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -40,6 +41,8 @@ from pydantic import Field, field_validator
 
 from atm.config import AtmConfig
 from atm.errors import AtmError, ConfigError, DataError
+
+log = logging.getLogger(__name__)
 
 ADVICES = ("BUY", "NOOP", "SELL")
 VIEWS = ("preference", "sft", "rl", "items")
@@ -577,6 +580,7 @@ def count_tokens(cfg: BuildConfig, template, encoder, df, features, rows: np.nda
         return out
     missing = tk.missing_packages()
     if missing:
+        log.warning("no token counts in the card: %s not installed (pip install 'atm[tokens]')", ", ".join(missing))
         if cfg.tokenizer:
             raise MissingDependency(f"counting tokens with {cfg.tokenizer} needs {', '.join(missing)}: "
                                     "pip install 'atm[tokens]' -c constraints.txt")
@@ -597,6 +601,7 @@ def count_tokens(cfg: BuildConfig, template, encoder, df, features, rows: np.nda
                 raise
             out["counters"][spec] = {"error": str(exc)}
             unavailable.append(spec)
+            log.warning("no %s token counts in the card: %s", spec, exc)
             continue
         c = tk.count_items(template, counter, contexts, answers)
         entry: dict[str, Any] = {"source": counter.source, "all": c.summary()}

@@ -119,6 +119,7 @@ def load_counter(spec: str) -> TokenCounter:
 @functools.lru_cache(maxsize=16)
 def _load(name: str, path: str, stamp: int) -> TokenCounter:
     d = Path(path)
+    log.debug("loading the %s tokenizer from %s", name, d)
     if stamp:
         template, specials = _chat_template_and_specials(d)
         if template is not None:
