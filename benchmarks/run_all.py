@@ -21,7 +21,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 RESULTS = HERE / "results"
 DOC = ROOT / "docs" / "benchmarks.md"
-ORDER = ["data", "prompts", "tokens", "finetune", "export", "serve", "eval", "backtest"]
+ORDER = ["data", "prompts", "tokens", "families", "finetune", "export", "serve", "eval", "backtest"]
 
 
 def machine() -> str:
