@@ -6,4 +6,10 @@ DAPO, merge), ``export`` (GGUF, quantize, registry, Modelfiles), ``serve`` (engi
 Gradio chat) and ``eval`` (harness, metrics, baselines, classic models, backtest, reports).
 """
 
+import logging
+
 __version__ = "0.1.0"
+
+# Quiet in library use: records go nowhere until the CLI (atm.logs.configure) or the embedding
+# application configures logging.
+logging.getLogger(__name__).addHandler(logging.NullHandler())

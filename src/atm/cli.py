@@ -90,6 +90,9 @@ def run(argv: list[str] | None = None, prog_command: str | None = None) -> int:
             parser.parse_args([args.command, "--help"])
         parser.print_help()
         return 0
+    from atm import logs
+
+    logs.configure()  # library code logs; the command shows it (atm.logs)
     try:
         rc = func(args)
     except AtmError as exc:

@@ -25,7 +25,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-CLASSES: tuple[str, ...] = ("BUY", "NOOP", "SELL")
+from atm.constants import ADVICES
+
+CLASSES = ADVICES
 INVALID = "INVALID"
 K = len(CLASSES)
 # indicator columns: true_c (0..K-1), pred_c (K..2K-1), tp_c (2K..3K-1), ones (3K)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import os
 import re
 import shutil
@@ -30,6 +31,8 @@ from typing import Iterator
 
 from atm.errors import AtmError, MissingDependency
 from atm.utils import cache_dir
+
+log = logging.getLogger(__name__)
 
 TOOLS = ("llama-server", "llama-quantize")
 CMAKE_FLAGS = (
@@ -146,7 +149,7 @@ def _locked(path: Path, what: str) -> Iterator[None]:
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            print(f"waiting for another process {what} (lock {path}) ...", file=sys.stderr)
+            log.info("waiting for another process %s (lock %s) ...", what, path)
             fcntl.flock(fh, fcntl.LOCK_EX)
         try:
             yield
@@ -162,8 +165,7 @@ def fetch_source(version: str | None = None) -> Path:
     with _locked(root / "fetch.lock", "fetching the llama.cpp source"):
         if (target / "vendor" / "llama.cpp" / "convert_hf_to_gguf.py").is_file():
             return target
-        print(f"fetching llama-cpp-python {version} source (vendored llama.cpp) with pip ...",
-              file=sys.stderr)
+        log.info("fetching llama-cpp-python %s source (vendored llama.cpp) with pip ...", version)
         with tempfile.TemporaryDirectory(prefix="atm-llamacpp-", dir=root) as tmp:
             tmpd = Path(tmp)
             cmd = [sys.executable, "-m", "pip", "download", f"llama-cpp-python=={version}",
@@ -315,8 +317,8 @@ def build_tools(targets: tuple[str, ...] = TOOLS, jobs: int | None = None, force
         log_path = bdir / "atm-build.log"
         t0 = time.time()
         if not quiet:
-            print(f"building {', '.join(targets)} from {src} for {backend or 'CPU'} "
-                  f"(about 5 min on 2 cores; log: {log_path})", file=sys.stderr)
+            log.info("building %s from %s for %s (about 5 min on 2 cores; log: %s)", ", ".join(targets),
+                     src, backend or "CPU", log_path)
         gen = ["-G", "Ninja"] if shutil.which("ninja") and not (bdir / "Makefile").exists() else []
         with open(log_path, "w") as log:
             _run_logged(["cmake", "-S", str(src), "-B", str(bdir), *gen, *cmake_flags(backend)], log, quiet=True)
@@ -327,7 +329,7 @@ def build_tools(targets: tuple[str, ...] = TOOLS, jobs: int | None = None, force
             raise AtmError(f"build finished but {missing} not found in {bdir / 'bin'}; see {log_path}")
         marker.write_text(" ".join(sorted(done_before | set(targets))) + "\n")
         if not quiet:
-            print(f"built in {time.time() - t0:.0f} s: {bdir / 'bin'}", file=sys.stderr)
+            log.info("built in %.0f s: %s", time.time() - t0, bdir / "bin")
     return {t: str(bdir / "bin" / t) for t in targets}
 
 

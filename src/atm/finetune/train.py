@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any, Iterable
@@ -448,7 +447,7 @@ def train(method: str, recipe: str | Path | None, overrides: Iterable[str] = ())
     if main:
         write_json_atomic(run_dir / RUN_FILE, {**run_info, "status": "running"})
     if resume_from and main:
-        print(f"resuming from {resume_from}", file=sys.stderr)
+        log.info("resuming from %s", resume_from)
     t0 = time.time()
     result = trainer.train(resume_from_checkpoint=resume_from)
     trainer.save_model(str(run_dir))  # every rank: FSDP / ZeRO-3 gather the weights, rank 0 writes

@@ -36,9 +36,10 @@ import pandas as pd
 from pydantic import Field, model_validator
 
 from atm.config import AtmConfig
+from atm.constants import ADVICES
 from atm.errors import ConfigError, DataError
 
-CLASSES = ("BUY", "NOOP", "SELL")
+CLASSES = ADVICES
 RULES = ("seed", "entry", "return", "fee-aware")
 
 

@@ -24,10 +24,10 @@ import pandas as pd
 from pydantic import Field, model_validator
 
 from atm.config import AtmConfig
+from atm.constants import MINUTE_NS
 from atm.errors import ConfigError, DataError
 
 DEFAULT_EMBARGO = 180
-MINUTE_NS = 60 * 1_000_000_000
 
 
 class SplitConfig(AtmConfig):

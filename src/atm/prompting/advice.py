@@ -22,9 +22,9 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Mapping
 
+from atm.constants import ADVICES
 from atm.errors import AtmError
 
-ADVICES: tuple[str, ...] = ("BUY", "NOOP", "SELL")
 SCHEMA_FILE = "advice.schema.json"
 
 # Longest valid answer is ~70 characters; leave room for whitespace, reject anything longer

@@ -40,11 +40,11 @@ import numpy as np
 from pydantic import Field, field_validator
 
 from atm.config import AtmConfig
+from atm.constants import ADVICES
 from atm.errors import AtmError, ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
-ADVICES = ("BUY", "NOOP", "SELL")
 VIEWS = ("preference", "sft", "rl", "items")
 
 

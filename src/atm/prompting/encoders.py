@@ -33,7 +33,6 @@ from pydantic import Field, field_validator
 from atm.config import AtmConfig, validate
 from atm.errors import AtmError, ConfigError
 
-ADVICES = ("BUY", "NOOP", "SELL")
 
 # Context column name -> (kline column, transform). "diff": x[i] - x[i-1] (newer minus older).
 SERIES: dict[str, tuple[str, str]] = {

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from atm.constants import ADVICES
 
-ADVICES = ("BUY", "NOOP", "SELL")
 KLINE_FIELDS = ("open_time", "open", "high", "low", "close", "volume", "quote_volume", "count",
                 "taker_buy_volume", "taker_buy_quote_volume")
 CHAT_SYSTEM = ("You are a trading assistant. You are shown the current market state and the "
