@@ -106,13 +106,14 @@ def reference_loop(gguf: str, items: list[dict], threads: int, max_tokens: int =
 
 def atm_run(spec: str, data: str, limit: int, offset_items: list[str], mode: str, concurrency: int,
             threads: int) -> dict:
-    from atm.eval.harness import load_suite, read_results, run_eval
+    from atm.eval.harness import load_suite, run_eval
+    from atm.eval.rundir import read_results
 
     out = Path(tempfile.mkdtemp(prefix=f"bench-eval-{mode}-{concurrency}-"))
     suite = load_suite(None, ["metrics.n_boot=10", f"generation.threads={threads}"])
     try:
         m = run_eval([spec], suite, out, data=data, limit=limit, mode=mode, concurrency=concurrency,
-                     with_baselines=False, report=False, quiet=True)
+                     with_baselines=False, quiet=True)
         man = json.loads((out / "manifest.json").read_text())
         entry = man["models"][spec]
         recs = list(read_results(out / entry["file"]).values())

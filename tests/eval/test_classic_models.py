@@ -20,7 +20,8 @@ from atm.eval import metrics as M
 from atm.eval.classic import ClassicProvider
 from atm.eval.classic.core import (ClassicConfig, fit_classic, load_classic, read_items, read_klines,
                                    train_classic, walk_forward_eval)
-from atm.eval.providers import ADVICES, get_provider
+from atm.constants import ADVICES
+from atm.eval.providers import get_provider
 
 FAST = {"n_estimators": 150, "epochs": 3}  # keep CPU time short; the protocol is the same
 

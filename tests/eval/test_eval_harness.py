@@ -177,7 +177,8 @@ def test_baselines_end_to_end_on_sample(sample_dataset, tmp_path):
 
 
 def test_fuzzed_outputs_are_invalid_with_reasons(sample_dataset, tmp_path):
-    from atm.eval.harness import read_results, run_eval
+    from atm.eval.harness import run_eval
+    from atm.eval.rundir import read_results
 
     with FakeLLM(mode="fuzz") as srv:
         m = run_eval([srv.spec], _suite(), tmp_path / "fuzz", data=str(sample_dataset), limit=120,
@@ -202,7 +203,8 @@ def test_fuzzed_outputs_are_invalid_with_reasons(sample_dataset, tmp_path):
 
 
 def test_server_errors_retried_then_recorded(sample_dataset, tmp_path):
-    from atm.eval.harness import read_results, run_eval
+    from atm.eval.harness import run_eval
+    from atm.eval.rundir import read_results
 
     # the first 3 requests fail with 500: with retries=3 every item still gets an answer
     with FakeLLM(fail_first=3) as srv:
@@ -232,7 +234,8 @@ def test_server_errors_retried_then_recorded(sample_dataset, tmp_path):
 
 
 def test_torn_last_line_is_dropped_and_run_resumes(sample_dataset, tmp_path):
-    from atm.eval.harness import read_results, run_eval
+    from atm.eval.harness import run_eval
+    from atm.eval.rundir import read_results
 
     out = tmp_path / "torn"
     with FakeLLM() as srv:
@@ -296,11 +299,12 @@ def test_every_suite_loads():
 def test_report_over_several_runs_and_partial_run(sample_dataset, tmp_path):
     """`atm-eval report A B` writes one report with a section per run; a run whose model stopped
     early is reported as INCOMPLETE over the items it answered, not silently as complete."""
-    from atm.eval.harness import read_results, run_eval
+    from atm.eval.harness import run_eval
+    from atm.eval.rundir import read_results
 
     a, b = tmp_path / "a", tmp_path / "b"
-    run_eval(["baseline:majority"], _suite(), a, data=str(sample_dataset), limit=200, quiet=True, report=False)
-    run_eval(["baseline:momentum"], _suite(), b, data=str(sample_dataset), limit=300, quiet=True, report=False)
+    run_eval(["baseline:majority"], _suite(), a, data=str(sample_dataset), limit=200, quiet=True)
+    run_eval(["baseline:momentum"], _suite(), b, data=str(sample_dataset), limit=300, quiet=True)
     f = next(p for p in (b / "predictions").glob("*.jsonl") if "momentum" in p.name)
     lines = f.read_bytes().splitlines(keepends=True)
     f.write_bytes(b"".join(lines[:250]))

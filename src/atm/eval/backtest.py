@@ -408,29 +408,43 @@ def _pct(x: float | None) -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:+.2f}%"
 
 
-def summary_table(results: Mapping[str, BacktestResult] | Iterable[BacktestResult]) -> str:
-    """A markdown table (one row per strategy) for report.md."""
+SUMMARY_HEAD = ("strategy", "total return", "vs buy&hold", "Sharpe", "Sortino", "max drawdown", "hit rate",
+                "trades", "turnover/day", "exposure")
+
+
+def summary(results: Mapping[str, BacktestResult] | Iterable[BacktestResult]) -> dict[str, Any]:
+    """The summary as data: ``{"head": [...], "rows": [[cell, ...], ...], "note": str}`` (one row per
+    strategy, cells formatted; the note states costs, rules and period). ``summary_table`` renders
+    it as markdown; ``atm.eval.report`` renders it as a table block in markdown and HTML."""
     items = list(results.values()) if isinstance(results, Mapping) else list(results)
-    head = ("| strategy | total return | vs buy&hold | Sharpe | Sortino | max drawdown | hit rate | trades "
-            "| turnover/day | exposure |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    lines = [head]
+    rows = []
     for r in items:
         m = r.metrics
         hit = "n/a" if m.get("hit_rate") is None else f"{100 * m['hit_rate']:.1f}%"
         sortino = m["sortino"]
         sortino_s = "inf" if math.isinf(sortino) else f"{sortino:.2f}"
-        lines.append(f"| {r.name} | {_pct(m['total_return'])} | {_pct(m['excess_return'])} | {m['sharpe']:.2f} "
-                     f"| {sortino_s} | {100 * m['max_drawdown']:.2f}% | {hit} | {m['n_trades']} "
-                     f"| {m['turnover_per_day']:.1f} | {100 * m['exposure']:.1f}% |")
+        rows.append([r.name, _pct(m["total_return"]), _pct(m["excess_return"]), f"{m['sharpe']:.2f}", sortino_s,
+                     f"{100 * m['max_drawdown']:.2f}%", hit, str(m["n_trades"]), f"{m['turnover_per_day']:.1f}",
+                     f"{100 * m['exposure']:.1f}%"])
+    note = ""
     if items:
-        c = items[0].config
-        lines.append("")
-        lines.append(f"Costs {100 * c['fee']:.2f}% fee + {c['slippage_bps']:g} bps slippage per side; "
-                     f"SELL = {c['sell_mode']}; hold = {c['hold']} ({c['horizon']} bars); "
-                     f"{items[0].metrics['days']:.1f} days ({items[0].metrics['start']} to {items[0].metrics['end']}); "
-                     f"Sharpe/Sortino annualized with sqrt({items[0].metrics['periods_per_year']:g}); "
-                     "hit rate: trades whose price moved the advised way (before costs); turnover: notional "
-                     "traded per day in units of equity.")
+        c, m0 = items[0].config, items[0].metrics
+        note = (f"Costs {100 * c['fee']:.2f}% fee + {c['slippage_bps']:g} bps slippage per side; "
+                f"SELL = {c['sell_mode']}; hold = {c['hold']} ({c['horizon']} bars); "
+                f"{m0['days']:.1f} days ({m0['start']} to {m0['end']}); "
+                f"Sharpe/Sortino annualized with sqrt({m0['periods_per_year']:g}); "
+                "hit rate: trades whose price moved the advised way (before costs); turnover: notional "
+                "traded per day in units of equity.")
+    return {"head": list(SUMMARY_HEAD), "rows": rows, "note": note}
+
+
+def summary_table(results: Mapping[str, BacktestResult] | Iterable[BacktestResult]) -> str:
+    """A markdown table (one row per strategy) for report.md and `atm eval backtest`."""
+    s = summary(results)
+    lines = ["| " + " | ".join(s["head"]) + " |", "|---|" + "---:|" * (len(s["head"]) - 1)]
+    lines += ["| " + " | ".join(row) + " |" for row in s["rows"]]
+    if s["note"]:
+        lines += ["", s["note"]]
     return "\n".join(lines)
 
 

@@ -23,7 +23,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from atm.errors import AtmError
-from atm.eval.providers import ADVICES, Prediction, Provider
+from atm.constants import ADVICES
+from atm.eval.providers import Prediction, Provider
 
 KINDS = ("random", "majority", "prior", "momentum", "persistence")
 

@@ -74,7 +74,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     out = args.out or f"runs/eval/{suite.name}-{split}" + (f"-limit{lim}" if lim else "")
     metrics = run_eval(args.model, suite, out, data=args.data, split=args.split, limit=args.limit,
                        mode=args.mode, concurrency=args.concurrency, with_baselines=not args.no_baselines,
-                       retry_failed=args.retry_failed, report=not args.no_report)
+                       retry_failed=args.retry_failed)
+    if not args.no_report:
+        from atm.eval.report import write_report
+
+        paths = write_report([out], out_dir=out, metrics=[metrics])
+        metrics["report"] = {"md": str(paths["md"]), "html": str(paths["html"])}
     _print_summary(metrics)
     return 0
 

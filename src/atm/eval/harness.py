@@ -1,16 +1,9 @@
-"""The evaluation harness: many models, the same items, resumable per-item results, one report.
+"""The evaluation harness: many models, the same items, resumable per-item results.
 
-A run directory (``--out``) holds:
-
-- ``manifest.json``: suite config, dataset path and hashes, options, per-model provider description
-  (versions, model file hashes), provenance. Written atomically.
-- ``truth.parquet``: the evaluated items WITHOUT prompts (id, row, open_time, symbol, label,
-  ret_BUY/NOOP/SELL): what metrics and backtests are computed against, so a report can be rebuilt
-  even if the dataset directory moves.
-- ``predictions/<model>.jsonl``: one line per item as it finishes (id, prompt hash, raw output,
-  parsed advice, why invalid, latency, attempts, failed). Each line is flushed when written (a
-  ``kill -9`` loses nothing already written) and fsynced at least every half second.
-- ``metrics.json``, ``report.md``, ``report.html``.
+``run_eval`` selects the items, writes the run directory (``atm.eval.rundir``: manifest, truth,
+one predictions file per model), asks each provider (``atm.eval.providers``) about the items still
+missing and scores the run (``atm.eval.scoring``). The report (``atm.eval.report``) is written
+by its caller, the CLI.
 
 Resume: rerunning the same command reads each predictions file, drops a torn last line (the one
 being written when the process died), dedupes by id (last record wins, so ``--retry-failed`` can
@@ -21,9 +14,7 @@ doubled. Items are never passed to a model with their label or realized returns.
 from __future__ import annotations
 
 import json
-import math
-import os
-import re
+import logging
 import time
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -32,8 +23,15 @@ from pydantic import Field
 
 from atm.config import AtmConfig
 from atm.errors import AtmError, DataError
-from atm.eval.providers import ADVICES, Prediction, Provider, get_provider, parse_spec, resolve_registry
-from atm.utils import provenance, repo_root, sha256_file, sha256_text, write_json_atomic
+from atm.constants import ADVICES
+from atm.eval import rundir
+from atm.eval.providers import (GenerationSpec, Provider, get_provider, model_kind, parse_spec,
+                                resolve_registry)
+from atm.eval.rundir import ResultWriter, failure, read_results, record_of
+from atm.eval.scoring import MetricsSpec, evaluate_run
+from atm.utils import provenance, repo_root, sha256_file, sha256_text
+
+log = logging.getLogger(__name__)
 
 # Columns a model may never see (the answer and what it earns).
 HIDDEN_COLUMNS = ("label", "answer", "ret_BUY", "ret_NOOP", "ret_SELL", "change", "true_change")
@@ -52,30 +50,6 @@ class DataSpec(AtmConfig):
     interval: str = Field("1m", description="kline interval")
     build: dict[str, Any] = Field(default_factory=dict,
                                   description="atm.prompting.dataset.BuildConfig fields (encoder, template, label, ...)")
-
-
-class MetricsSpec(AtmConfig):
-    """Metric and uncertainty settings."""
-
-    n_boot: int = Field(1000, ge=0, description="bootstrap replicates")
-    level: float = Field(0.95, gt=0, lt=1, description="confidence level of the intervals")
-    block: int | None = Field(None, ge=1, description="bootstrap block length in minutes (None: max(horizon, sqrt(n)))")
-    seed: int = Field(0, description="bootstrap seed")
-    calibration_bins: int = Field(10, ge=2, description="reliability-diagram bins")
-    primary: str = Field("balanced_accuracy", description="metric the verdict is about")
-    show_raw_accuracy: bool = Field(True, description="show raw accuracy beside balanced accuracy")
-
-
-class GenerationSpec(AtmConfig):
-    """How LLM providers are asked."""
-
-    max_tokens: int = Field(64, ge=1, description="answer token budget (a valid answer is ~25 tokens)")
-    temperature: float = Field(0.0, ge=0, description="sampling temperature (0 = greedy)")
-    timeout: float = Field(120.0, gt=0, description="per-request timeout in seconds")
-    retries: int = Field(3, ge=0, description="retries of a timed-out / failed request before recording a failure")
-    backoff: float = Field(0.5, ge=0, description="first retry delay in seconds (doubles each retry)")
-    n_ctx: int = Field(4096, ge=256, description="context size for in-process llama.cpp")
-    threads: int | None = Field(None, description="CPU threads for in-process engines (None: all cores)")
 
 
 class SuiteConfig(AtmConfig):
@@ -160,7 +134,7 @@ def build_suite_dataset(suite: SuiteConfig, out: Path) -> Path:
     raw = _abs(suite.data.raw)
     out.parent.mkdir(parents=True, exist_ok=True)
     kl = out.parent / f"{out.name}.klines.parquet"
-    print(f"building dataset {out} from {raw} ({suite.data.symbol}) ...", flush=True)
+    log.info("building dataset %s from %s (%s) ...", out, raw, suite.data.symbol)
     build_klines(raw, suite.data.symbol, interval=suite.data.interval, out=kl)
     fields = dict(suite.data.build)
     if "template" in fields:
@@ -186,7 +160,7 @@ def select_items(df, suite: SuiteConfig, limit: int | None):
     df = df.sort_values(sort_col, kind="stable").reset_index(drop=True)
     unlabeled = ~df["label"].isin(ADVICES)
     if unlabeled.any():  # items without a label cannot be scored: say so, never mix them in
-        print(f"note: {int(unlabeled.sum())} items without a BUY/NOOP/SELL label are not evaluated")
+        log.info("note: %d items without a BUY/NOOP/SELL label are not evaluated", int(unlabeled.sum()))
         df = df[~unlabeled].reset_index(drop=True)
     if suite.first:
         df = df.iloc[:suite.first]
@@ -235,97 +209,7 @@ def model_items(df) -> list[dict[str, Any]]:
     return out
 
 
-# ---------------------------------------------------------------------------------- results file
-def model_slug(spec: str) -> str:
-    s = re.sub(r"[^A-Za-z0-9._-]+", "_", spec).strip("_")[:60]
-    return f"{s}-{sha256_text(spec)[:6]}"
-
-
-def read_results(path: Path, repair: bool = False) -> dict[str, dict[str, Any]]:
-    """Per-item records by id (last wins). A torn last line is ignored (and cut off if ``repair``).
-
-    A bad line that is NOT the last one is real corruption: it is reported with its line number.
-    """
-    if not path.exists():
-        return {}
-    data = path.read_bytes()
-    end = data.rfind(b"\n") + 1  # everything after the last newline is a torn write
-    if repair and end < len(data):
-        with open(path, "r+b") as fh:
-            fh.truncate(end)
-            fh.flush()
-            os.fsync(fh.fileno())
-    out: dict[str, dict[str, Any]] = {}
-    for lineno, line in enumerate(data[:end].split(b"\n"), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"corrupt result line ({exc.msg}); move the file away to re-run this model",
-                            str(path), lineno) from None
-        out[str(rec["id"])] = rec
-    return out
-
-
-class ResultWriter:
-    """Append-only JSONL: each record flushed at once, fsynced at least every ``sync_every`` s."""
-
-    def __init__(self, path: Path, sync_every: float = 0.5):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.fh = open(path, "ab")
-        self.sync_every = sync_every
-        self._last = time.monotonic()
-
-    def write(self, rec: dict[str, Any]) -> None:
-        self.fh.write((json.dumps(rec, ensure_ascii=False, default=_json_default) + "\n").encode())
-        self.fh.flush()
-        now = time.monotonic()
-        if now - self._last >= self.sync_every:
-            os.fsync(self.fh.fileno())
-            self._last = now
-
-    def close(self) -> None:
-        self.fh.flush()
-        os.fsync(self.fh.fileno())
-        self.fh.close()
-
-
-def _json_default(o: Any) -> Any:
-    if hasattr(o, "tolist"):
-        return o.tolist()
-    if hasattr(o, "item"):
-        return o.item()
-    return str(o)
-
-
-def record_of(pred: Prediction, phash: str) -> dict[str, Any]:
-    rec = pred.to_dict()
-    extra = rec.pop("extra", {}) or {}
-    rec["prompt_hash"] = phash
-    rec["failed"] = bool(extra.pop("failed", False))
-    rec["attempts"] = int(extra.pop("attempts", 1))
-    if extra:
-        rec["extra"] = extra
-    if rec.get("probs"):
-        rec["probs"] = {k: float(v) for k, v in rec["probs"].items()}
-    return rec
-
-
-def failure(item_id: str, reason: str, attempts: int, latency: float = 0.0) -> Prediction:
-    return Prediction(id=item_id, raw=None, valid=False, reason=f"request failed: {reason}", latency=latency,
-                      extra={"failed": True, "attempts": attempts})
-
-
 # ---------------------------------------------------------------------------------- running
-def model_kind(spec: str) -> str:
-    try:
-        prefix, _ = parse_spec(spec)
-    except AtmError:
-        return "llm"
-    return prefix if prefix in ("baseline", "classic") else "llm"
-
-
 def _expand_models(models: Sequence[str], suite: SuiteConfig, with_baselines: bool) -> list[str]:
     out: list[str] = []
     for m in models:
@@ -342,8 +226,10 @@ def _expand_models(models: Sequence[str], suite: SuiteConfig, with_baselines: bo
 def run_eval(models: Sequence[str], suite: SuiteConfig, out: str | Path, *, data: str | None = None,
              split: str | None = None, limit: int | None = None, mode: str | None = None,
              concurrency: int | None = None, with_baselines: bool = True, retry_failed: bool = False,
-             report: bool = True, quiet: bool = False) -> dict[str, Any]:
-    """Evaluate ``models`` (plus the suite's baselines) on the same items; resumable. Returns metrics."""
+             quiet: bool = False) -> dict[str, Any]:
+    """Evaluate ``models`` (plus the suite's baselines) on the same items; resumable. Returns the
+    run's metrics (``atm.eval.scoring.evaluate_run``); the report is written by the caller
+    (``atm.eval.report.write_report``; the CLI does it unless ``--no-report``)."""
     import pandas as pd
 
     if not models:
@@ -371,10 +257,9 @@ def run_eval(models: Sequence[str], suite: SuiteConfig, out: str | Path, *, data
     dataset_meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
 
     out.mkdir(parents=True, exist_ok=True)
-    mpath = out / "manifest.json"
     manifest: dict[str, Any]
-    if mpath.exists():
-        manifest = json.loads(mpath.read_text())
+    if rundir.is_run(out):
+        manifest = rundir.read_manifest(out)
         old = manifest.get("data", {})
         if old.get("ids_sha256") != data_info["ids_sha256"] or old.get("items_sha256") != data_info["items_sha256"]:
             raise AtmError(
@@ -390,12 +275,8 @@ def run_eval(models: Sequence[str], suite: SuiteConfig, out: str | Path, *, data
     truth_cols = [c for c in TRUTH_COLUMNS if c in df.columns]
     truth = df[truth_cols].copy()
     truth["id"] = truth["id"].astype(str)
-    if not (out / "truth.parquet").exists():
-        from atm.utils import atomic_path
-
-        with atomic_path(out / "truth.parquet", suffix=".parquet") as tmp:
-            truth.to_parquet(tmp, index=False)
-    write_json_atomic(mpath, manifest)
+    rundir.write_truth_once(out, truth)
+    rundir.write_manifest(out, manifest)
 
     specs = _expand_models(models, suite, with_baselines)
     m_items = model_items(df)
@@ -409,15 +290,15 @@ def run_eval(models: Sequence[str], suite: SuiteConfig, out: str | Path, *, data
         if kind == "baseline":
             opts.update(suite.baseline_options.get(spec.split(":", 1)[1], {}))
         entry = manifest["models"].get(spec, {})
-        rpath = out / "predictions" / f"{model_slug(spec)}.jsonl"
+        rpath = rundir.predictions_path(out, spec)
         done = read_results(rpath, repair=True)
         todo_idx = [i for i, id_ in enumerate(ids)
                     if id_ not in done or (retry_failed and done[id_].get("failed"))]
         if not todo_idx and entry.get("status") == "done":
             entry["user"] = bool(entry.get("user")) or spec in models
-            write_json_atomic(mpath, manifest)
+            rundir.write_manifest(out, manifest)
             if not quiet:
-                print(f"{spec}: all {len(ids)} items already done ({rpath})")
+                log.info("%s: all %d items already done (%s)", spec, len(ids), rpath)
             continue
         provider = get_provider(spec, **opts)
         try:
@@ -426,7 +307,7 @@ def run_eval(models: Sequence[str], suite: SuiteConfig, out: str | Path, *, data
             if mode == "loglik" and not provider.supports_loglik:
                 used_mode = "generate"
                 note = f"{spec} cannot give log-probabilities; fell back to generate"
-                print(f"note: {note}")
+                log.info("note: %s", note)
             if entry.get("mode") and entry["mode"] != used_mode and done:
                 raise AtmError(f"{out}: {spec} was run in {entry['mode']} mode; this run asks {used_mode}. "
                                "Use another --out to compare modes.")
@@ -438,7 +319,7 @@ def run_eval(models: Sequence[str], suite: SuiteConfig, out: str | Path, *, data
                           "user": bool(entry.get("user")) or spec in models,
                           "note": note, "status": "running", "describe": provider.describe()})
             manifest["models"][spec] = entry
-            write_json_atomic(mpath, manifest)
+            rundir.write_manifest(out, manifest)
             t0 = time.monotonic()
             n_new = _predict_into(provider, [m_items[i] for i in todo_idx], [phashes[i] for i in todo_idx],
                                   used_mode, rpath, suite.generation, spec, quiet)
@@ -450,17 +331,11 @@ def run_eval(models: Sequence[str], suite: SuiteConfig, out: str | Path, *, data
             entry.update({"status": "done" if not missing else "incomplete", "n_done": len(ids) - len(missing),
                           "wall_s_last": round(time.monotonic() - t0, 3), "n_new_last": n_new,
                           "describe": provider.describe()})
-            write_json_atomic(mpath, manifest)
+            rundir.write_manifest(out, manifest)
         finally:
             provider.close()
 
-    metrics = evaluate_run(out)
-    if report:
-        from atm.eval.report import write_report
-
-        paths = write_report([out], out_dir=out, metrics=[metrics])
-        metrics["report"] = {"md": str(paths["md"]), "html": str(paths["html"])}
-    return metrics
+    return evaluate_run(out)
 
 
 def _label_cfg(meta: dict[str, Any]) -> dict[str, Any]:
@@ -529,186 +404,3 @@ def _predict_into(provider: Provider, items: list[dict], phashes: list[str], mod
         if bar is not None:
             bar.close()
     return written
-
-
-# ---------------------------------------------------------------------------------- metrics of a run
-def evaluate_run(run_dir: str | Path) -> dict[str, Any]:
-    """Metrics of every model in a run dir (recomputed from the per-item files; works mid-run)."""
-    import numpy as np
-    import pandas as pd
-
-    from atm.eval import metrics as M
-
-    run_dir = Path(run_dir)
-    mpath = run_dir / "manifest.json"
-    if not mpath.exists():
-        raise AtmError(f"{run_dir}: not an eval run (no manifest.json)")
-    manifest = json.loads(mpath.read_text())
-    truth = pd.read_parquet(run_dir / "truth.parquet")
-    truth["id"] = truth["id"].astype(str)
-    suite = SuiteConfig.model_validate(manifest["suite"])
-    ms = suite.metrics
-    lcfg = manifest.get("label_config") or {}
-    horizon = _horizon(lcfg)
-    ids = truth["id"].tolist()
-    t_all = M.encode_true(truth["label"].tolist())
-    change_col = next((c for c in ("true_change", "change") if c in truth.columns), None)
-
-    preds: dict[str, dict[str, dict]] = {}
-    for spec, entry in manifest["models"].items():
-        preds[spec] = read_results(run_dir / entry["file"])
-    common = [i for i in ids if all(i in p for p in preds.values())]
-    pos = {id_: k for k, id_ in enumerate(ids)}
-
-    boot = M.BootConfig(n_boot=ms.n_boot, level=ms.level, seed=ms.seed, block=ms.block, horizon=horizon)
-    results: dict[str, Any] = {}
-    pvecs: dict[str, np.ndarray] = {}
-    for spec, recs in preds.items():
-        entry = manifest["models"][spec]
-        have = [i for i in ids if i in recs]
-        idx = np.array([pos[i] for i in have], dtype=np.int64)
-        t = t_all[idx]
-        rlist = [recs[i] for i in have]
-        p = M.encode_pred([r.get("advice") for r in rlist], [bool(r.get("valid")) for r in rlist])
-        res: dict[str, Any] = {"spec": spec, "kind": entry.get("kind", model_kind(spec)), "mode": entry.get("mode"),
-                               "user": bool(entry.get("user")),
-                               "note": entry.get("note"), "n": len(have), "n_expected": len(ids),
-                               "complete": len(have) == len(ids)}
-        res["validity"] = M.validity([bool(r.get("valid")) for r in rlist], [r.get("reason") for r in rlist])
-        res["failed"] = int(sum(bool(r.get("failed")) for r in rlist))
-        if len(have):
-            res.update(M.classification(t, p))
-            res["ci"] = M.bootstrap_ci(t, p, boot)
-            lat = np.array([float(r.get("latency") or 0.0) for r in rlist])
-            res["latency"] = {"mean_s": float(lat.mean()), "p50_s": float(np.median(lat)),
-                              "p99_s": float(np.percentile(lat, 99)), "total_s": float(lat.sum())}
-            res["score"] = _score(rlist, truth.iloc[idx], boot)
-            if change_col:
-                res["change"] = M.change_metrics([r.get("predicted_change") if r.get("valid") else None for r in rlist],
-                                                 truth[change_col].iloc[idx].tolist())
-            else:
-                res["change"] = {"n": 0, "note": "the items view has no true-change column; MAE not computed"}
-            with_probs = [k for k, r in enumerate(rlist) if r.get("probs")]
-            if with_probs:
-                P = np.array([[float(rlist[k]["probs"].get(c, 0.0)) for c in M.CLASSES] for k in with_probs])
-                P = P / np.clip(P.sum(axis=1, keepdims=True), 1e-12, None)
-                res["calibration"] = M.calibration(t[with_probs], P, ms.calibration_bins)
-                res["calibration"]["coverage"] = len(with_probs) / len(rlist)
-        full = np.full(len(ids), -1, dtype=np.int64)
-        full[idx] = p
-        pvecs[spec] = full
-        results[spec] = res
-
-    # paired comparisons on the items every model answered
-    cidx = np.array([pos[i] for i in common], dtype=np.int64)
-    tc = t_all[cidx]
-    for spec, res in results.items():
-        comps = {}
-        for ref in _references(spec, results):
-            if len(cidx) < 2:
-                continue
-            pa, pb = pvecs[spec][cidx], pvecs[ref][cidx]
-            pb_res = M.paired_bootstrap(tc, pa, pb, boot, metric=ms.primary)
-            comps[ref] = {**pb_res, "mcnemar": M.mcnemar(pa == tc, pb == tc),
-                          "a": float(M._from_sums(M.indicators(tc, pa).sum(0))[ms.primary]),
-                          "b": float(M._from_sums(M.indicators(tc, pb).sum(0))[ms.primary])}
-        res["comparisons"] = comps
-        res["verdict"] = verdict(spec, res, results, ms.primary, ms.level) if comps else None
-    out = {"run": str(run_dir), "n_items": len(ids), "n_common": len(common), "horizon": horizon,
-           "block": boot.block or M.block_length(len(common) or len(ids), horizon),
-           "primary": ms.primary, "level": ms.level, "n_boot": ms.n_boot, "models": results,
-           "verdicts": [r["verdict"] for s, r in results.items() if r.get("verdict") and _is_candidate(s, results)],
-           "data": manifest["data"], "suite": manifest["suite"], "label_config": lcfg}
-    write_json_atomic(run_dir / "metrics.json", out)
-    return out
-
-
-def _horizon(lcfg: dict[str, Any]) -> int:
-    try:
-        from atm.market.labels import LabelConfig, label_horizon
-
-        return int(label_horizon(LabelConfig(**lcfg)))
-    except Exception:  # noqa: BLE001 - an unknown label config: fall back to its horizon field
-        return int(lcfg.get("horizon", 1) or 1)
-
-
-def _score(rlist: list[dict], truth, boot) -> dict[str, Any]:
-    """Mean of THE scorer (atm.prompting.advice.score_parsed: DAPO reward = eval score), in bps."""
-    import numpy as np
-
-    from atm.eval import metrics as M
-
-    try:
-        from atm.prompting.advice import ParsedAdvice, score_parsed
-    except ImportError:  # pragma: no cover
-        return {"note": "atm.prompting.advice not available"}
-    cols = [c for c in ("ret_BUY", "ret_NOOP", "ret_SELL") if c in truth.columns]
-    if len(cols) < 3:
-        return {"note": "items view has no ret_BUY/NOOP/SELL; score not computed"}
-    vals = []
-    R = truth[cols].to_numpy(dtype=np.float64)
-    for r, ret in zip(rlist, R):
-        if np.isnan(ret).any():
-            vals.append(np.nan)
-            continue
-        pa = ParsedAdvice(valid=bool(r.get("valid")), advice=r.get("advice"))
-        vals.append(score_parsed(pa, dict(zip(ADVICES, ret))))
-    v = np.array(vals, dtype=np.float64)
-    v = v[~np.isnan(v)]
-    if not v.size:
-        return {"note": "no realized returns"}
-    res = M.mean_ci(v, boot)
-    return {"mean_bps": res["mean"], "ci": res["ci"], "n": int(v.size)}
-
-
-def _references(spec: str, results: dict[str, Any]) -> list[str]:
-    """What a model is compared with: LLMs vs baselines + classic; classic vs baselines; baselines vs others."""
-    kind = results[spec]["kind"]
-    if kind == "llm":
-        allowed = ("baseline", "classic")
-    elif kind == "classic":
-        allowed = ("baseline",)
-    else:
-        allowed = ("baseline",)
-    return [s for s, r in results.items() if s != spec and r["kind"] in allowed and r.get("n")]
-
-
-def _is_candidate(spec: str, results: dict[str, Any]) -> bool:
-    """Models that get a verdict: every LLM and classic model; with baselines alone, the requested ones."""
-    if any(r["kind"] != "baseline" for r in results.values()):
-        return results[spec]["kind"] != "baseline"
-    return bool(results[spec].get("user"))
-
-
-def _fmt(x: float | None) -> str:
-    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3f}"
-
-
-def _fmt_ci(ci: Sequence[float | None]) -> str:
-    if not ci or ci[0] is None:
-        return "[n/a]"
-    return f"[{ci[0]:.3f}, {ci[1]:.3f}]"
-
-
-def verdict(spec: str, res: dict[str, Any], results: dict[str, Any], primary: str, level: float) -> str:
-    """One conservative line: "better" only when the paired CI of the difference excludes 0 for EVERY
-    reference; otherwise "not better than" the strongest reference, with the numbers."""
-    comps = res["comparisons"]
-    name = primary.replace("_", " ").replace("accuracy", "acc")
-    best_ref = max(comps, key=lambda r: (comps[r]["b"], r))
-    c = comps[best_ref]
-    own_ci = res.get("ci", {}).get(primary, [None, None])
-    ref_ci = results[best_ref].get("ci", {}).get(primary, [None, None])
-    nums = (f"{name} {_fmt(res.get(primary))} {_fmt_ci(own_ci)} vs {_fmt(results[best_ref].get(primary))} "
-            f"{_fmt_ci(ref_ci)}; paired difference {c['diff']:+.3f} {_fmt_ci(c['ci'])}, "
-            f"n={res['n']:,}, {int(level * 100)}% block bootstrap")
-    all_better = all(v["ci"][0] is not None and v["ci"][0] > 0 for v in comps.values())
-    invalid = res["validity"]["n"] - res["validity"]["valid"]
-    inv = f"; {invalid:,} invalid answers counted wrong" if invalid else ""
-    inc = "" if res.get("complete") else f"; INCOMPLETE: {res['n']}/{res['n_expected']} items"
-    if all_better:
-        worst = min(comps, key=lambda r: comps[r]["ci"][0])
-        return (f"{spec} is better than every reference ({len(comps)}), the closest being {worst} ({nums}){inv}{inc}")
-    if c["ci"][1] is not None and c["ci"][1] < 0:
-        return f"{spec} is worse than {best_ref} ({nums}){inv}{inc}"
-    return f"{spec} is not better than {best_ref} ({nums}){inv}{inc}"

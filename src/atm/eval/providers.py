@@ -12,9 +12,22 @@ import importlib
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterator, Sequence
 
+from pydantic import Field
+
+from atm.config import AtmConfig
 from atm.errors import AtmError
 
-ADVICES = ("BUY", "NOOP", "SELL")
+
+class GenerationSpec(AtmConfig):
+    """How LLM providers are asked."""
+
+    max_tokens: int = Field(64, ge=1, description="answer token budget (a valid answer is ~25 tokens)")
+    temperature: float = Field(0.0, ge=0, description="sampling temperature (0 = greedy)")
+    timeout: float = Field(120.0, gt=0, description="per-request timeout in seconds")
+    retries: int = Field(3, ge=0, description="retries of a timed-out / failed request before recording a failure")
+    backoff: float = Field(0.5, ge=0, description="first retry delay in seconds (doubles each retry)")
+    n_ctx: int = Field(4096, ge=256, description="context size for in-process llama.cpp")
+    threads: int | None = Field(None, description="CPU threads for in-process engines (None: all cores)")
 
 
 @dataclass
@@ -83,7 +96,7 @@ REGISTRY: dict[str, str] = {
     "ollama": "atm.eval.llm:OllamaProvider",
     "hf": "atm.eval.llm:HFProvider",
     "baseline": "atm.eval.baselines:BaselineProvider",
-    "classic": "atm.eval.classic:ClassicProvider",
+    "classic": "atm.eval.classic.provider:ClassicProvider",
 }
 
 VALID_FORMS = (
@@ -129,3 +142,11 @@ def get_provider(spec: str, **options: Any) -> Provider:
     module = importlib.import_module(module_name)
     cls = getattr(module, cls_name)
     return cls(spec, rest, **options)
+
+
+def model_kind(spec: str) -> str:
+    try:
+        prefix, _ = parse_spec(spec)
+    except AtmError:
+        return "llm"
+    return prefix if prefix in ("baseline", "classic") else "llm"

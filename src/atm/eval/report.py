@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from atm.errors import AtmError
+from atm.eval import rundir
+from atm.eval.scoring import evaluate_run
 from atm.utils import write_text_atomic
 
 HOW_TO_READ = [
@@ -239,25 +241,15 @@ def run_backtest(run_dir: Path, metrics: dict[str, Any]) -> tuple[dict[str, Any]
         return None, f"the backtest is not available in this install (atm.eval.backtest: {exc})"
     import pandas as pd
 
-    from atm.eval.harness import read_results
-
-    manifest = json.loads((run_dir / "manifest.json").read_text())
+    manifest = rundir.read_manifest(run_dir)
     kpath = Path(manifest["data"]["path"]) / "klines.parquet"
     if not kpath.exists():
         return None, f"klines not found at {kpath}; backtest skipped"
-    truth = pd.read_parquet(run_dir / "truth.parquet")
-    truth["id"] = truth["id"].astype(str)
-    preds = {}
-    for spec, entry in manifest["models"].items():
-        recs = read_results(run_dir / entry["file"])
-        rows = [{"id": i, "advice": (r.get("advice") if r.get("valid") else None)} for i, r in recs.items()]
-        if rows:
-            preds[spec] = rows
+    truth = rundir.read_truth(run_dir)
+    preds = {spec: rows for spec, rows in rundir.advice_by_model(run_dir, manifest).items() if rows}
     if not preds:
         return None, "no predictions to backtest"
-    cfg_fields = dict(manifest["suite"].get("backtest") or {})
-    lcfg = metrics.get("label_config") or {}
-    cfg_fields.setdefault("horizon", int(lcfg.get("horizon", 10) or 10))
+    cfg_fields = rundir.backtest_fields(manifest)
     try:
         cfg = bt.BacktestConfig(**cfg_fields)
         res = bt.backtest_many(preds, pd.read_parquet(kpath), cfg, items=truth[["id", "open_time"]])
@@ -387,10 +379,13 @@ def build_doc(metrics: dict[str, Any], run_dir: Path, bt: dict[str, Any] | None,
         d.p(f"Figures not drawn: {exc}")
     d.h(2, "Backtest")
     if bt:
-        from atm.eval.backtest import summary_table
+        from atm.eval.backtest import summary
 
         d.p("From each model's advice with `atm.eval.backtest` (invalid answers place no trade), over the same minutes:")
-        d.blocks.append(("pre_md", summary_table(bt)))
+        table = summary(bt)
+        d.table(table["head"], table["rows"])
+        if table["note"]:
+            d.p(table["note"])
         try:
             d.img(fig_equity(bt), "equity curves", "equity.png")
         except Exception as exc:  # noqa: BLE001
@@ -403,47 +398,23 @@ def build_doc(metrics: dict[str, Any], run_dir: Path, bt: dict[str, Any] | None,
 
 
 def _describes(run_dir: Path) -> dict[str, Any]:
-    manifest = json.loads((run_dir / "manifest.json").read_text())
-    return manifest.get("models", {})
-
-
-def _md_table_to_rows(md: str) -> tuple[list[str], list[list[str]], list[str]]:
-    lines = [ln for ln in md.splitlines()]
-    table = [ln for ln in lines if ln.startswith("|")]
-    rest = [ln for ln in lines if ln and not ln.startswith("|")]
-    head = [c.strip() for c in table[0].strip("|").split("|")] if table else []
-    rows = [[c.strip() for c in ln.strip("|").split("|")] for ln in table[2:]]
-    return head, rows, rest
+    return rundir.read_manifest(run_dir).get("models", {})
 
 
 def write_report(runs: Sequence[str | Path], out_dir: str | Path | None = None,
                  metrics: Sequence[dict[str, Any]] | None = None) -> dict[str, Path]:
     """Write report.md + report.html for one or more run dirs (each its own section)."""
-    from atm.eval.harness import evaluate_run
-
     if not runs:
         raise AtmError("give at least one run directory")
     run_dirs = [Path(r) for r in runs]
     for r in run_dirs:
-        if not (r / "manifest.json").exists():
-            raise AtmError(f"{r}: not an eval run (no manifest.json)")
+        rundir.read_manifest(r)  # an AtmError naming the directory when it is not an eval run
     out = Path(out_dir) if out_dir else run_dirs[0]
     mets = list(metrics) if metrics else [evaluate_run(r) for r in run_dirs]
     docs = []
     for r, m in zip(run_dirs, mets):
         bt, note = run_backtest(r, m)
-        doc = build_doc(m, r, bt, note)
-        # the backtest table comes as markdown from atm.eval.backtest: turn it into a table block
-        fixed = []
-        for kind, val in doc.blocks:
-            if kind == "pre_md":
-                head, rows, rest = _md_table_to_rows(val)
-                fixed.append(("table", (head, rows, "l" + "r" * (len(head) - 1))))
-                fixed.extend(("p", x) for x in rest)
-            else:
-                fixed.append((kind, val))
-        doc.blocks = fixed
-        docs.append(doc)
+        docs.append(build_doc(m, r, bt, note))
     merged = Doc()
     for doc in docs:
         merged.blocks.extend(doc.blocks)

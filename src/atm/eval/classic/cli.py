@@ -75,8 +75,7 @@ def cmd_train_classic(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from atm.errors import AtmError
-    from atm.eval.classic import MODELS
-    from atm.eval.classic.core import ClassicConfig, train_classic, walk_forward_eval, walk_forward_table
+    from atm.eval.classic.core import MODELS, ClassicConfig, train_classic, walk_forward_eval, walk_forward_table
     from atm.eval.harness import ensure_dataset, load_suite
 
     suite = load_suite(args.suite)
@@ -115,21 +114,14 @@ def cmd_backtest(args: argparse.Namespace) -> int:
     preds: dict = {}
     fields: dict = {}
     if args.run:
-        from atm.eval.harness import read_results
+        from atm.eval import rundir
 
         run = Path(args.run)
-        mpath = run / "manifest.json"
-        if not mpath.exists():
-            raise AtmError(f"{run}: not an eval run (no manifest.json)")
-        manifest = json.loads(mpath.read_text())
+        manifest = rundir.read_manifest(run)
         data = Path(args.data) if args.data else Path(manifest["data"]["path"])
-        items = pd.read_parquet(run / "truth.parquet", columns=["id", "open_time"])
-        for spec, entry in manifest["models"].items():
-            recs = read_results(run / entry["file"])
-            preds[spec] = [{"id": i, "advice": r.get("advice") if r.get("valid") else None} for i, r in recs.items()]
-        fields = dict((manifest.get("suite") or {}).get("backtest") or {})
-        lab = manifest.get("label_config") or {}
-        fields.setdefault("horizon", int(lab.get("horizon", 10) or 10))
+        items = rundir.read_truth(run)[["id", "open_time"]]
+        preds = rundir.advice_by_model(run, manifest)
+        fields = rundir.backtest_fields(manifest)
         out = Path(args.out) if args.out else run
     else:
         if not args.predictions or not args.data:

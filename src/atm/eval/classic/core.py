@@ -25,6 +25,7 @@ Protocol (the same for every model, stated in each artifact):
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -38,13 +39,14 @@ import pandas as pd
 from pydantic import Field
 
 from atm.config import AtmConfig
+from atm.constants import ADVICES, MINUTE_NS
 from atm.errors import AtmError, DataError
 
-from atm.eval.classic import MODELS  # noqa: F401 - re-exported
-from atm.eval.providers import ADVICES
+log = logging.getLogger(__name__)
+
+MODELS = ("logreg", "lgbm", "cnn", "lstm")
 ARTIFACT_FILE = "atm_classic.json"
 FORMAT = 1
-MINUTE_NS = 60 * 1_000_000_000
 
 
 class ClassicConfig(AtmConfig):
@@ -414,7 +416,7 @@ def train_classic(dataset_dir: str | Path, cfg: ClassicConfig, root: str | Path 
     out = out / artifact_name(cfg, fp)
     if (out / ARTIFACT_FILE).exists() and not force:
         if not quiet:
-            print(f"classic:{cfg.model}: reusing {out} (same config and data)")
+            log.info("classic:%s: reusing %s (same config and data)", cfg.model, out)
         return out
     kl = read_klines(d)
     meta = read_meta(d)
@@ -424,8 +426,8 @@ def train_classic(dataset_dir: str | Path, cfg: ClassicConfig, root: str | Path 
     model.save(out)
     if not quiet:
         v = model.record["validation"]
-        print(f"classic:{cfg.model}: trained in {model.record['train_seconds']:.1f}s -> {out} "
-              f"(validation balanced acc {v.get('balanced_accuracy', 'n/a')}, thresholds {model.thresholds})")
+        log.info("classic:%s: trained in %.1fs -> %s (validation balanced acc %s, thresholds %s)", cfg.model,
+                 model.record["train_seconds"], out, v.get("balanced_accuracy", "n/a"), model.thresholds)
     return out
 
 
@@ -488,9 +490,10 @@ def walk_forward_eval(dataset_dir: str | Path, cfg: ClassicConfig, k: int, *, em
         pooled_true.append(y)
         pooled_P.append(P)
         if not quiet:
-            print(f"fold {i + 1}/{k}: train {len(tr)} items to {res['train_period'][1]}, test {len(te)} items "
-                  f"{res['test_period'][0]} .. {res['test_period'][1]}: balanced acc {res['balanced_accuracy']:.3f} "
-                  f"{_ci_s(res['ci']['balanced_accuracy'])}, backtest {100 * res['backtest']['total_return']:+.2f}%")
+            log.info("fold %d/%d: train %d items to %s, test %d items %s .. %s: balanced acc %.3f %s, "
+                     "backtest %+.2f%%", i + 1, k, len(tr), res["train_period"][1], len(te), res["test_period"][0],
+                     res["test_period"][1], res["balanced_accuracy"], _ci_s(res["ci"]["balanced_accuracy"]),
+                     100 * res["backtest"]["total_return"])
     rows = np.concatenate(pooled_rows)
     pred = np.concatenate(pooled_pred)
     y = np.concatenate(pooled_true)
