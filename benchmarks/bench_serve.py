@@ -46,7 +46,7 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from atm.serve.engines import free_port  # noqa: E402
+from atm.runtime import free_port, llama_server  # noqa: E402
 from atm.serve.testing import ServerProcess  # noqa: E402
 
 UBATCH = 2048  # physical batch for all three servers (atm serve's default)
@@ -174,10 +174,9 @@ def start_server(kind: str, gguf: Path, name: str, parallel: int, ctx: int, thre
                "--n_threads_batch", str(threads), "--model_alias", name,
                "--n_batch", str(UBATCH), "--n_ubatch", str(UBATCH)]  # the same batch as llama-server
         return ServerProcess([], port, env=env, log=log, cmd=cmd, health="/v1/models")
-    if kind == "bare":
-        cmd = [str(require_tool("llama-server")), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port),
-               "-np", str(parallel), "-c", str(ctx * parallel), "--metrics", "--jinja", "--no-webui",
-               "-a", name, "-t", str(threads), "-tb", str(threads), "-ub", str(UBATCH), "-b", str(UBATCH)]
+    if kind == "bare":  # the command line atm serve runs its engine with (atm.runtime.llama_server)
+        cmd = llama_server.command(gguf, port=port, alias=name, parallel=parallel, ctx_size=ctx, threads=threads,
+                                   ubatch_size=UBATCH, exe=require_tool("llama-server"))
         return ServerProcess([], port, env=env, log=log, cmd=cmd, health="/health")
     args = ["--model", f"{name}={gguf}", "--parallel", str(parallel), "--ctx-size", str(ctx),
             "--set", f"threads={threads}", "--set", f"log_dir={log_dir}", "--set", f"ubatch_size={UBATCH}"]

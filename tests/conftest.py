@@ -10,13 +10,14 @@ from __future__ import annotations
 import atexit
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import pytest
+
+from atm.runtime import free_port
 
 # Test modules live in per-stage folders (tests/serve/, tests/eval/, ...) mirroring src/atm/; the
 # helpers shared by several of them (leakage.py) stay here.
@@ -126,12 +127,6 @@ def monkeypatch_session():
     mp = pytest.MonkeyPatch()
     yield mp
     mp.undo()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture

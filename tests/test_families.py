@@ -206,7 +206,7 @@ def test_export_check_figures(family, exported, atm_home):
 
 @pytest.fixture(scope="module")
 def server(family, exported, atm_home, tmp_path_factory):
-    from atm.serve.engines import free_port
+    from atm.runtime import free_port
     from atm.serve.testing import ServerProcess
 
     port = free_port()

@@ -29,7 +29,7 @@ def _suite(**kw):
 
 
 def _records(out: Path, spec: str) -> list[dict]:
-    from atm.eval.harness import read_results
+    from atm.eval.rundir import read_results
 
     man = json.loads((out / "manifest.json").read_text())
     return list(read_results(out / man["models"][spec]["file"]).values())
@@ -78,7 +78,7 @@ def test_atm_loglik_probabilities_match_full_evaluation(tiny_gguf, sample_datase
     items = {it["id"]: it for it in model_items(load_items(sample_dataset, "verify").iloc[:12])}
     ref = llama_cpp.Llama(str(prov.entry.path), n_ctx=2048, n_threads=1, logits_all=True, verbose=False)
     for r in recs[:3]:
-        prompt, add_bos = prov._prompt_text(items[r["id"]]["prompt"])
+        prompt, add_bos = prov.prompt_text(items[r["id"]]["prompt"])
         change = json.loads(r["raw"])["predicted_open_change"]  # the decoded string (a float loses digits)
         seqs = {a: ref.tokenize((prompt + '{"predicted_open_change": "' + change + '", "advice": "' + a + '"}').encode(),
                                 add_bos=add_bos, special=True) for a in ("BUY", "NOOP", "SELL")}
@@ -103,6 +103,7 @@ def test_template_mismatch_is_flagged(tiny_gguf, btc_parquet, session_tmp, tmp_p
     """A model trained on one prompt and asked with another (the original experiment's failure mode)
     is evaluated, but the report says so."""
     from atm.eval.harness import run_eval
+    from atm.eval.report import write_report
     from atm.prompting.dataset import BuildConfig, build_dataset
 
     ds = build_dataset(BuildConfig(klines=str(btc_parquet), encoder="seed-json-compat",
@@ -111,6 +112,7 @@ def test_template_mismatch_is_flagged(tiny_gguf, btc_parquet, session_tmp, tmp_p
     m = run_eval(["atm:q8"], _suite(), tmp_path / "mm", data=str(ds), limit=3, with_baselines=False, quiet=True)
     note = m["models"]["atm:q8"]["note"] or ""
     assert "template differs" in note and "system" in note
+    write_report([tmp_path / "mm"], metrics=[m])  # the CLI does this after run_eval
     assert "template differs" in (tmp_path / "mm" / "report.md").read_text()
 
 
@@ -157,7 +159,7 @@ def test_hf_provider_constrains_a_random_model_to_the_schema(tiny_base, sample_d
 @pytest.mark.slow
 def test_openai_and_ollama_providers_against_atm_serve(tiny_merged, sample_dataset, tmp_path):
     from atm.eval.harness import run_eval
-    from atm.serve.engines import free_port
+    from atm.runtime import free_port
     from atm.serve.testing import ServerProcess
 
     port = free_port()

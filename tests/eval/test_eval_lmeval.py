@@ -52,8 +52,9 @@ def test_task_scorer_is_the_shared_one(sample_dataset):
 
 @pytest.mark.slow
 def test_lm_eval_cli_against_atm_serve_agrees_with_atm_eval(tiny_merged, sample_dataset, tmp_path):
-    from atm.eval.harness import load_suite, read_results, run_eval
-    from atm.serve.engines import free_port
+    from atm.eval.harness import load_suite, run_eval
+    from atm.eval.rundir import read_results
+    from atm.runtime import free_port
     from atm.serve.testing import ServerProcess
 
     port = free_port()

@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from atm.serve.engines import free_port
+from atm.runtime import free_port
 from atm.serve.testing import ServerProcess
 
 pytestmark = [pytest.mark.browser, pytest.mark.native, pytest.mark.slow]

@@ -14,8 +14,8 @@ import time
 import httpx
 import pytest
 
-from atm.serve.engines import free_port
-from atm.serve.testing import ServerProcess, engine_pid
+from atm.runtime import free_port
+from atm.serve.testing import ServerProcess, engine_auth, engine_pid
 
 pytestmark = [pytest.mark.native, pytest.mark.slow]
 
@@ -109,3 +109,29 @@ def test_remote_engine_proxies_openai_and_ollama(tiny_gguf, atm_home, tmp_path):
             # the upstream's errors come back as errors, not hangs
             direct = client.chat.completions.create(model="via-openai", messages=MSG, max_tokens=3)
             assert direct.choices[0].message.content is not None
+
+
+def test_engine_process_needs_its_own_key(tiny_gguf, atm_home, tmp_path):
+    """The llama-server behind `atm serve --api-key K` is no side door: its loopback port answers
+    401 without the engine's own random key (K included); atm serve uses that key itself, and the
+    key is on no command line (`ps` shows those to every local user) nor in the engine log."""
+    port = free_port()
+    with ServerProcess(["--model", "atm:q8", "--parallel", "1", "--ctx-size", "512", "--api-key", "user-key"],
+                       port, env={"ATM_HOME": str(atm_home)}, log=tmp_path / "serve.log") as srv:
+        srv.wait_ready(180)
+        engine = httpx.get(srv.url + "/health").json()["models"][0]
+        engine_url = f"http://127.0.0.1:{engine['port']}"
+        assert httpx.get(engine_url + "/health").status_code == 200  # liveness stays open
+        for headers in ({}, {"Authorization": "Bearer user-key"}, {"Authorization": "Bearer none"}):
+            assert httpx.get(engine_url + "/v1/models", headers=headers).status_code == 401, headers
+            r = httpx.post(engine_url + "/v1/chat/completions", headers=headers,
+                           json={"messages": MSG, "max_tokens": 2})
+            assert r.status_code == 401, headers
+        auth = engine_auth(engine["pid"])
+        assert httpx.get(engine_url + "/v1/models", headers=auth).status_code == 200
+        ok = httpx.post(srv.url + "/v1/chat/completions", headers={"Authorization": "Bearer user-key"},
+                        json={"model": "atm:q8", "messages": MSG, "max_tokens": 2}, timeout=60)
+        assert ok.status_code == 200, ok.text
+        key = auth["Authorization"].split()[1]
+        argv = open(f"/proc/{engine['pid']}/cmdline", "rb").read().decode(errors="replace")
+        assert key not in argv and key not in open(engine["log"]).read()

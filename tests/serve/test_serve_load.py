@@ -15,7 +15,7 @@ import httpx
 import jsonschema
 import pytest
 
-from atm.serve.engines import free_port
+from atm.runtime import free_port
 from atm.serve.testing import ServerProcess, klines_rows
 
 pytestmark = [pytest.mark.native, pytest.mark.slow]

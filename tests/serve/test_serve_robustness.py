@@ -21,8 +21,8 @@ import time
 import httpx
 import pytest
 
-from atm.serve.engines import free_port
-from atm.serve.testing import ServerProcess, engine_pid, klines_rows
+from atm.runtime import free_port
+from atm.serve.testing import ServerProcess, engine_auth, engine_pid, klines_rows
 
 pytestmark = [pytest.mark.native, pytest.mark.slow]
 
@@ -196,8 +196,9 @@ def test_full_queue_gets_429_with_retry_after(server):
 
 
 def _slots_busy(server) -> int:
-    port = next(m["port"] for m in httpx.get(server.url + "/health").json()["models"])
-    slots = httpx.get(f"http://127.0.0.1:{port}/slots", timeout=5).json()
+    engine = next(m for m in httpx.get(server.url + "/health").json()["models"])
+    slots = httpx.get(f"http://127.0.0.1:{engine['port']}/slots", timeout=5,
+                      headers=engine_auth(engine["pid"])).json()
     return sum(1 for s in slots if s.get("is_processing"))
 
 

@@ -12,7 +12,7 @@ import threading
 import httpx
 import pytest
 
-from atm.serve.engines import free_port
+from atm.runtime import free_port
 from atm.serve.testing import ServerProcess, klines_rows
 
 pytestmark = [pytest.mark.slow]

@@ -9,7 +9,7 @@ import re
 import pytest
 
 from atm.serve.advice import AdviceInputError, class_probs, klines_frame
-from atm.serve.engines import llama_safe_schema
+from atm.prompting.llama_schema import llama_safe_schema
 
 
 @pytest.mark.parametrize("rx,safe", [
@@ -150,3 +150,47 @@ def test_help_has_examples(cli):
     for cmd in ("serve", "chat"):
         out = cli(cmd, "--help").stdout
         assert "examples:" in out
+
+
+def test_engine_registry_matches_the_settings_type():
+    """Every engine kind the settings accept has a registry entry whose class loads, and back."""
+    import typing
+
+    from atm.serve.engines import ENGINES, Engine, engine_class
+    from atm.serve.settings import EngineKind
+
+    assert set(typing.get_args(EngineKind)) == set(ENGINES)
+    for kind in ENGINES:
+        cls = engine_class(kind)
+        assert issubclass(cls, Engine) and cls.kind == kind and cls.serves in ("gguf", "hf", "url")
+
+
+def test_ollama_codec_both_directions_agree():
+    """What ATM sends an Ollama server (remote engine) reads back, through the same codec, as the
+    request it came from (the /api routes' direction)."""
+    from atm.serve import ollama_codec
+    from atm.serve.engines import EngineRequest
+
+    schema = {"type": "object", "properties": {"a": {"type": "string"}}}
+    req = EngineRequest(model="m", messages=[{"role": "user", "content": "x"}], max_tokens=7, temperature=0.3,
+                        top_p=0.9, top_k=5, seed=11, stop=["\n"], presence_penalty=0.1, frequency_penalty=0.2,
+                        json_schema=schema)
+    body = ollama_codec.upstream_payload(req, "up", stream=False)
+    assert body["model"] == "up" and body["messages"] == req.messages and body["format"] == schema
+    back = ollama_codec.request_fields(body["options"], body["format"])
+    for k in ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "presence_penalty",
+              "frequency_penalty", "json_schema"):
+        assert back[k] == getattr(req, k), k
+    raw = ollama_codec.upstream_payload(EngineRequest(model="m", prompt="p", json_object=True), "up", stream=True)
+    assert raw["raw"] is True and raw["prompt"] == "p" and raw["format"] == "json"
+    assert ollama_codec.request_fields({"num_predict": -1}, "json") == {"max_tokens": None, "json_object": True}
+    # answers: an Ollama answer -> OpenAI -> the Ollama final object keeps counts and the reason
+    obj = {"message": {"content": "hi"}, "done": True, "done_reason": "length", "prompt_eval_count": 4,
+           "eval_count": 2}
+    resp = ollama_codec.openai_response(obj, "m", chat=True)
+    assert resp["choices"][0]["finish_reason"] == "length" and resp["usage"]["total_tokens"] == 6
+    fin = ollama_codec.final("m", resp, 0.0, ollama_codec.answer("hi", True))
+    assert (fin["done_reason"], fin["prompt_eval_count"], fin["eval_count"]) == ("length", 4, 2)
+    assert fin["message"] == {"role": "assistant", "content": "hi"}
+    chunk = ollama_codec.openai_chunk({"response": "a", "done": False}, "m", chat=False, cid="c", created=1)
+    assert chunk["choices"][0] == {"index": 0, "text": "a", "finish_reason": None} and "usage" not in chunk

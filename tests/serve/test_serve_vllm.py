@@ -34,6 +34,8 @@ FAKE_VLLM = textwrap.dedent(r'''
     logdir = os.environ["FAKE_VLLM_DIR"]
     with open(os.path.join(logdir, "argv.jsonl"), "a") as fh:
         fh.write(json.dumps(argv) + "\n")
+    with open(os.path.join(logdir, "keys.jsonl"), "a") as fh:
+        fh.write(json.dumps(os.environ.get("VLLM_API_KEY")) + "\n")
     ANSWER = '{"predicted_open_change": "1.50000000", "advice": "BUY"}'
 
     class H(BaseHTTPRequestHandler):
@@ -48,15 +50,27 @@ FAKE_VLLM = textwrap.dedent(r'''
             self.end_headers()
             self.wfile.write(body)
 
+        def _authorized(self):
+            # as vllm serve with --api-key / $VLLM_API_KEY: /v1 routes need the key, /health not
+            key = os.environ.get("VLLM_API_KEY")
+            if key and self.headers.get("Authorization") != f"Bearer {key}":
+                self._json({"error": "Unauthorized"}, 401)
+                return False
+            return True
+
         def do_GET(self):
             if self.path == "/health":
                 return self._json({})
+            if not self._authorized():
+                return
             if self.path == "/v1/models":
                 return self._json({"object": "list", "data": [{"id": name, "object": "model",
                                                                "max_model_len": max_len}]})
             self._json({"error": "no route"}, 404)
 
         def do_POST(self):
+            if not self._authorized():
+                return
             n = int(self.headers.get("Content-Length", 0))
             req = json.loads(self.rfile.read(n))
             with open(os.path.join(logdir, "requests.jsonl"), "a") as fh:
@@ -124,6 +138,8 @@ def test_vllm_engine_contract(fake_vllm, tmp_path, port):
         assert argv[argv.index("--max-num-seqs") + 1] == "4"
         assert argv[argv.index("--max-model-len") + 1] == "1024"
         assert argv[argv.index("--host") + 1] == "127.0.0.1"
+        key = json.loads((logdir / "keys.jsonl").read_text().splitlines()[0])
+        assert key and key not in argv  # a fresh key, in the environment (not on the command line)
 
         client = openai.OpenAI(base_url=srv.url + "/v1", api_key="none", max_retries=0)
         out = client.chat.completions.create(
@@ -171,4 +187,6 @@ def test_vllm_engine_contract(fake_vllm, tmp_path, port):
         assert saw_503, "a request during the restart should get 503"
         assert r.status_code == 200
         assert len((logdir / "argv.jsonl").read_text().splitlines()) == 2  # launched again
+        keys = [json.loads(k) for k in (logdir / "keys.jsonl").read_text().splitlines()]
+        assert keys[1] and keys[1] != keys[0]  # a restarted engine gets a new key
         assert engine_pid(srv.url, "tiny") not in (None, pid)

@@ -25,15 +25,17 @@ import json
 import math
 import os
 import re
-import subprocess
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
+from atm.constants import ADVICES
 from atm.errors import AtmError, require
-from atm.eval.providers import ADVICES, Prediction, Provider
+from atm.eval.providers import GenerationSpec, Prediction, Provider
+from atm.prompting.answer import (DEFAULT_ANSWER, answer_pieces, change_pattern, most_likely, probs_from_logliks,
+                                  probs_from_top_logprobs)
 
 RAW_KEEP = 4000  # characters of a raw answer kept in the results file (a rambling model can't bloat it)
 
@@ -43,8 +45,6 @@ class Transient(Exception):
 
 
 def _gen(options: dict[str, Any]) -> dict[str, Any]:
-    from atm.eval.harness import GenerationSpec
-
     g = options.get("generation") or {}
     return GenerationSpec(**g).to_dict() if not isinstance(g, GenerationSpec) else g.to_dict()
 
@@ -70,66 +70,15 @@ def parsed_prediction(item_id: str, raw: str | None, latency: float, **extra: An
                       valid=p.valid, reason=reason, latency=latency, extra=extra)
 
 
-def answer_pieces(template_answer: str) -> dict[str, Any]:
-    """Split the answer format into the text before/between/after the change and advice values."""
-    s = template_answer.format(change="\x00C\x00", advice="\x00A\x00")
-    ic, ia = s.index("\x00C\x00"), s.index("\x00A\x00")
-    if ia < ic:
-        return {"advice_first": True, "before_advice": s[:ia], "after_advice": s[ia + 3:ic].split("\x00")[0]}
-    return {"advice_first": False, "before_change": s[:ic], "between": s[ic + 3:ia],
-            "after_advice": s[ia + 3:]}
-
-
-def _template_answer_format(options: dict[str, Any], entry_template: str | None = None) -> str:
-    """The answer format (``'{{"predicted_open_change": "{change}", "advice": "{advice}"}}'``)."""
-    import yaml
+def _answer_format(options: dict[str, Any], entry_template: str | None = None) -> str:
+    """The answer format (``'{{"predicted_open_change": "{change}", "advice": "{advice}"}}'``) of
+    the model's template, else of the template the items were rendered with, else the default."""
+    from atm.prompting.template import answer_format_of
 
     for text in (entry_template, ((options.get("dataset_meta") or {}).get("template") or {}).get("yaml")):
         if text:
-            data = yaml.safe_load(text) or {}
-            if data.get("answer"):
-                return data["answer"]
-    return '{{"predicted_open_change": "{change}", "advice": "{advice}"}}'
-
-
-def _softmax(lp: dict[str, float]) -> dict[str, float]:
-    m = max(lp.values())
-    ex = {k: math.exp(v - m) for k, v in lp.items()}
-    z = sum(ex.values())
-    return {k: v / z for k, v in ex.items()}
-
-
-def _change_pattern(schema: dict[str, Any]) -> str:
-    pat = schema["properties"]["predicted_open_change"]["pattern"]
-    return pat.strip("^$")
-
-
-def grammars(llama_cpp: Any, schema: dict[str, Any]) -> tuple[Any, Any]:
-    """Grammars built once: the whole answer, and the predicted change's digits alone (loglik).
-
-    The answer grammar admits one leading space: sentencepiece-style vocabularies (the tiny model's)
-    start the trained answer with the word-start token ' {"', which the stock schema grammar (it must
-    begin with '{') forbids, pushing the model off its own distribution at the first token. The
-    strict parser strips surrounding whitespace, so the answer is unchanged.
-    """
-    from llama_cpp.llama_grammar import json_schema_to_gbnf
-
-    g = json_schema_to_gbnf(json.dumps(schema))
-    lines = [("root0 ::=" + ln[len("root ::="):]) if ln.startswith("root ::=") else ln for ln in g.splitlines()]
-    answer = llama_cpp.LlamaGrammar.from_string("\n".join([*lines, 'root ::= " "? root0']), verbose=False)
-    pat = _change_pattern(schema)
-    cg = json_schema_to_gbnf(json.dumps({"type": "string", "pattern": "^" + pat + "$"}))
-    out = []
-    for ln in cg.splitlines():
-        if ln.startswith("root ::="):
-            body = ln[len("root ::="):].strip()
-            assert body.startswith('"\\""'), body  # the opening quote is already in the prompt
-            body = body[len('"\\""'):]
-            body = body.rsplit('"\\""', 1)[0] + '"\\""'  # digits, then the closing quote (a stop string)
-            ln = "root ::= " + body
-        out.append(ln)
-    change = llama_cpp.LlamaGrammar.from_string("\n".join(out), verbose=False)
-    return answer, change
+            return answer_format_of(text)
+    return DEFAULT_ANSWER
 
 
 class _Retrying(Provider):
@@ -215,12 +164,14 @@ class OpenAIProvider(_Retrying):
         super().__init__(spec, arg, **options)
         openai = require("openai", "eval")
         self.model, self.base_url = split_openai(arg)
-        self.client = openai.OpenAI(base_url=self.base_url, api_key=os.environ.get("OPENAI_API_KEY", "none"),
-                                    max_retries=0, timeout=float(self.gen["timeout"]))
+        # api_key: a server ATM started itself (its own random key); else $OPENAI_API_KEY
+        key = options.get("api_key") or os.environ.get("OPENAI_API_KEY", "none")
+        self.client = openai.OpenAI(base_url=self.base_url, api_key=key, max_retries=0,
+                                    timeout=float(self.gen["timeout"]))
         self._openai = openai
-        self.schema = _schema(_template_answer_format(options))
+        self.schema = _schema(_answer_format(options))
         self._no_logprobs = False
-        self._pieces = answer_pieces(_template_answer_format(options))
+        self._pieces = answer_pieces(_answer_format(options))
 
     def _attempt(self, item: dict, mode: str) -> Prediction:
         o = self._openai
@@ -257,58 +208,23 @@ class OpenAIProvider(_Retrying):
                 self._no_logprobs = True
                 self._note(f"{self.base_url} returned no logprobs: fell back to generate (no class probabilities)")
             elif pred.valid:
-                probs = self._probs_from_logprobs(raw or "", content)
+                probs = probs_from_top_logprobs([_token_dict(tok) for tok in content], ADVICES)
                 if probs:
                     pred.probs = probs
                     pred.extra["probs_from"] = "top-20 logprobs at the advice token (options outside the top 20 get 0)"
         return pred
 
-    def _probs_from_logprobs(self, raw: str, content: list) -> dict[str, float] | None:
-        """Probabilities of the advice options from the top alternatives at the advice value's first token.
-
-        Offsets are taken in the concatenated token texts (servers may return a leading word-start
-        space the message content has stripped). Options absent from the top-k get 0 (a top-k
-        approximation, stated in the manifest).
-        """
-        raw = "".join(tok.token for tok in content)
-        key = '"advice"'
-        k = raw.find(key)
-        if k < 0:
-            return None
-        q = raw.find('"', k + len(key))
-        if q < 0:
-            return None
-        start = q + 1  # offset of the advice value
-        pos = 0
-        for tok in content:
-            t = tok.token
-            if pos <= start < pos + len(t) or (pos == start and t):
-                head = raw[pos:start]  # part of this token before the value
-                mass: dict[str, float] = {a: 0.0 for a in ADVICES}
-                alts = list(getattr(tok, "top_logprobs", None) or []) or [tok]
-                seen = set()
-                for alt in alts:
-                    if alt.token in seen:
-                        continue
-                    seen.add(alt.token)
-                    if not alt.token.startswith(head):
-                        continue
-                    rest = alt.token[len(head):]
-                    for a in ADVICES:
-                        if rest and (a.startswith(rest) or rest.startswith(a)):
-                            mass[a] += math.exp(alt.logprob)
-                            break
-                z = sum(mass.values())
-                if z <= 0:
-                    return None
-                return {a: v / z for a, v in mass.items()}
-            pos += len(t)
-        return None
-
     def describe(self) -> dict[str, Any]:
         return {"spec": self.spec, "model": self.model, "base_url": self.base_url,
                 "openai": getattr(self._openai, "__version__", None), "concurrency": self.concurrency,
                 "constraint": "response_format json_schema (prompts/advice.schema.json)"}
+
+
+def _token_dict(tok: Any) -> dict[str, Any]:
+    """An openai client's logprobs token as the plain dict ``probs_from_top_logprobs`` reads."""
+    alts = getattr(tok, "top_logprobs", None) or []
+    return {"token": tok.token, "logprob": tok.logprob,
+            "top_logprobs": [{"token": a.token, "logprob": a.logprob} for a in alts]}
 
 
 # ---------------------------------------------------------------------------------- ollama
@@ -326,7 +242,7 @@ class OllamaProvider(_Retrying):
         self.host = os.environ.get("OLLAMA_HOST", "http://127.0.0.1:11434")
         self.client = ollama.Client(host=self.host, timeout=float(self.gen["timeout"]))
         self._ollama = ollama
-        self.schema = _schema(_template_answer_format(options))
+        self.schema = _schema(_answer_format(options))
 
     def _attempt(self, item: dict, mode: str) -> Prediction:
         import httpx
@@ -352,7 +268,8 @@ class OllamaProvider(_Retrying):
 
 # ---------------------------------------------------------------------------------- atm (llama.cpp)
 class AtmProvider(_Retrying):
-    """``atm:TAG`` (a registry name): llama.cpp in process, or a ``llama-server`` for --concurrency > 1."""
+    """``atm:TAG`` (a registry name): llama.cpp in process (``atm.runtime.llamacpp``), or a
+    ``llama-server`` (``atm.runtime.llama_server``, with its own random key) for --concurrency > 1."""
 
     supports_loglik = True
 
@@ -361,15 +278,16 @@ class AtmProvider(_Retrying):
         from atm.eval.providers import resolve_registry
 
         self.entry = resolve_registry(spec, arg)
-        self.schema = self.entry.schema or _schema(_template_answer_format(options, self.entry.template))
-        self._pieces = answer_pieces(_template_answer_format(options, self.entry.template))
+        self._answer = _answer_format(options, self.entry.template)
+        self.schema = self.entry.schema or _schema(self._answer)
+        self._pieces = answer_pieces(self._answer)
         self.template_check = self._check_template(options)
         if self.template_check.get("mismatch"):
             self._note("the model's prompt template differs from the one the items were rendered with "
                        f"({self.template_check['mismatch']}): the original experiment's failure mode")
-        self._server: subprocess.Popen | None = None
+        self._server = None  # atm.runtime.llama_server.LlamaServer
         self._delegate: OpenAIProvider | None = None
-        self._llm = None
+        self._runner = None  # atm.runtime.llamacpp.LlamaCppRunner
         self._grammar = None
         self._change_grammar = None
         self._lock = threading.Lock()
@@ -379,62 +297,32 @@ class AtmProvider(_Retrying):
 
     # ------------------------------------------------------------ checks
     def _check_template(self, options: dict[str, Any]) -> dict[str, Any]:
-        import yaml
+        from atm.prompting.template import Template
 
         ds = ((options.get("dataset_meta") or {}).get("template") or {}).get("yaml")
         if not ds or not self.entry.template:
             return {"checked": False}
-        a, b = yaml.safe_load(self.entry.template) or {}, yaml.safe_load(ds) or {}
-        diff = [k for k in ("system", "instruction", "input", "answer") if (a.get(k) or "") != (b.get(k) or "")]
+        a = Template.from_yaml(self.entry.template, source=f"{self.entry.ref} template").spec
+        b = Template.from_yaml(ds, source="the dataset's template").spec
+        diff = [k for k in ("system", "instruction", "input", "answer") if getattr(a, k) != getattr(b, k)]
         return {"checked": True, "mismatch": ", ".join(diff) if diff else None}
 
     # ------------------------------------------------------------ engines
     def _start_server(self, options: dict[str, Any]) -> None:
         from atm.export.llamacpp import find_tool
+        from atm.runtime.llama_server import LlamaServer
 
-        binary = find_tool("llama-server")
-        if binary is None:
+        if find_tool("llama-server") is None:
             self._note("llama-server not found (build it with `atm doctor --build`): ran in process, one request at a time")
             self.concurrency = 1
             return
-        import socket
-        import urllib.request
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        n_ctx = self._n_ctx()
-        cmd = [str(binary), "-m", str(self.entry.path), "--host", "127.0.0.1", "--port", str(port),
-               "-np", str(self.concurrency), "-c", str(n_ctx * self.concurrency), "--jinja", "--no-webui",
-               "-a", self.entry.ref, "--log-colors", "off"]
-        if self.gen.get("threads"):
-            cmd += ["-t", str(self.gen["threads"])]
         log_dir = Path(os.environ.get("TMPDIR", "/tmp")) / "atm-eval-logs"
-        log_dir.mkdir(parents=True, exist_ok=True)
-        self._log_path = log_dir / f"llama-server-{port}.log"
-        log = open(self._log_path, "ab")
-        self._server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                        start_new_session=True)
-        log.close()
-        deadline = time.monotonic() + 180
-        url = f"http://127.0.0.1:{port}/health"
-        while time.monotonic() < deadline:
-            if self._server.poll() is not None:
-                tail = self._log_path.read_text(errors="replace")[-2000:]
-                raise AtmError(f"llama-server exited ({self._server.returncode}) while starting:\n{tail}")
-            try:
-                with urllib.request.urlopen(url, timeout=2) as r:  # noqa: S310 - 127.0.0.1 only
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            time.sleep(0.2)
-        else:
-            self.close()
-            raise AtmError(f"llama-server did not become healthy in 180 s (log: {self._log_path})")
-        opts = dict(self.options)
-        self._delegate = OpenAIProvider(f"openai:{self.entry.ref}@http://127.0.0.1:{port}/v1",
-                                        f"{self.entry.ref}@http://127.0.0.1:{port}/v1", **opts)
+        self._server = LlamaServer(self.entry.path, name=self.entry.ref, alias=self.entry.ref,
+                                   parallel=self.concurrency, ctx_size=self._n_ctx(), threads=self.gen.get("threads"),
+                                   threads_batch=False, metrics=False, log_dir=log_dir).start()
+        base = self._server.base_url
+        self._delegate = OpenAIProvider(f"openai:{self.entry.ref}@{base}", f"{self.entry.ref}@{base}",
+                                        **{**self.options, "api_key": self._server.api_key})
         self.batch_size = self._delegate.batch_size
 
     def _n_ctx(self) -> int:
@@ -443,68 +331,34 @@ class AtmProvider(_Retrying):
         return min(n, int(self.entry.context_length)) if self.entry.context_length else n
 
     def _load(self):
-        if self._llm is None:
-            llama_cpp = require("llama_cpp", "eval", "llama-cpp-python")
-            # OMP_NUM_THREADS caps threads too: on a loaded 2-core box 2 threads ran ~8x slower than 1
-            threads = self.gen.get("threads") or int(os.environ.get("OMP_NUM_THREADS") or 0) or os.cpu_count() or 1
-            # every layer on the GPU when this llama-cpp-python was built with a GPU backend
-            # (CMAKE_ARGS="-DGGML_CUDA=on" pip install llama-cpp-python); the CPU wheel says no
-            self._gpu = bool(llama_cpp.llama_supports_gpu_offload())
-            self._llm = llama_cpp.Llama(model_path=str(self.entry.path), n_ctx=self._n_ctx(),
-                                        n_threads=threads, n_threads_batch=threads, n_batch=512,
-                                        n_gpu_layers=-1 if self._gpu else 0, seed=0, verbose=False)
-            self._grammar, self._change_grammar = grammars(llama_cpp, self.schema)
-            self._llama_cpp = llama_cpp
-        return self._llm
+        if self._runner is None:
+            from atm.prompting.llama_schema import answer_gbnf, change_gbnf
+            from atm.runtime.llamacpp import LlamaCppRunner
+
+            self._runner = LlamaCppRunner(self.entry.path, n_ctx=self._n_ctx(), threads=self.gen.get("threads"),
+                                          n_batch=512, seed=0, name=self.entry.ref)
+            self._grammar = self._runner.grammar(answer_gbnf(self.schema))
+            self._change_grammar = self._runner.grammar(change_gbnf(self.schema))
+        return self._runner
 
     # ------------------------------------------------------------ generate / loglik in process
     def _attempt(self, item: dict, mode: str) -> Prediction:
-        llm = self._load()
+        runner = self._load()
         msgs = _messages(item)
         with self._lock:
             t0 = time.perf_counter()
             if mode == "loglik":
                 return self._loglik(item["id"], msgs, t0)
-            out = llm.create_chat_completion(messages=msgs, grammar=self._grammar,
-                                             temperature=float(self.gen["temperature"]),
-                                             max_tokens=int(self.gen["max_tokens"]), seed=0)
+            out = runner.chat(msgs, grammar=self._grammar, temperature=float(self.gen["temperature"]),
+                              max_tokens=int(self.gen["max_tokens"]), seed=0)
             lat = time.perf_counter() - t0
         raw = out["choices"][0]["message"]["content"]
         return parsed_prediction(item["id"], raw, lat, finish_reason=out["choices"][0].get("finish_reason"))
 
-    def _prompt_text(self, msgs: list[dict[str, str]]) -> tuple[str, bool]:
-        """The chat prompt as text, rendered with the GGUF's chat template (as create_chat_completion
-        does), and whether tokenizing it must add bos."""
-        llm = self._llm
-        fmt = getattr(self, "_chat_formatter", None)
-        if fmt is None:
-            from llama_cpp.llama_chat_format import Jinja2ChatFormatter
-
-            tpl = llm.metadata.get("tokenizer.chat_template")
-            if not tpl:
-                raise AtmError(f"{self.entry.ref}: the GGUF has no chat template; loglik needs one")
-            eos = llm._model.token_get_text(llm.token_eos()) if llm.token_eos() >= 0 else ""
-            bos = llm._model.token_get_text(llm.token_bos()) if llm.token_bos() >= 0 else ""
-            fmt = Jinja2ChatFormatter(template=tpl, eos_token=eos, bos_token=bos, add_generation_prompt=True)
-            self._chat_formatter = fmt
-        res = fmt(messages=msgs)
-        return res.prompt, not res.added_special
-
-    def _eval_to(self, toks: list[int]) -> "Any":
-        """Evaluate ``toks`` reusing the KV cache of the longest common prefix; return last logits."""
-        import numpy as np
-
-        llm = self._llm
-        old = llm._input_ids
-        m = min(len(old), len(toks) - 1)
-        k = 0
-        if m > 0:
-            eq = np.asarray(old[:m]) == np.asarray(toks[:m])
-            k = int(m if eq.all() else np.argmin(eq))
-        llm.n_tokens = k
-        llm.eval(toks[k:])
-        # without logits_all, llama-cpp-python keeps no scores; the context holds the last token's logits
-        return np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),)).astype(np.float64)
+    def prompt_text(self, messages: list[dict[str, str]]) -> tuple[str, bool]:
+        """The prompt loglik scores after: ``messages`` under the GGUF's chat template, and whether
+        tokenizing it adds bos."""
+        return self._load().prompt(messages)
 
     @staticmethod
     def _logsoftmax(logits) -> "Any":
@@ -520,11 +374,11 @@ class AtmProvider(_Retrying):
         the answer separately would add a spurious word-start token with sentencepiece-style
         vocabularies and merge differently at the boundaries ('NOOP"}' is one token in the tiny model).
         """
-        llm = self._llm
-        prompt, add_bos = self._prompt_text(msgs)
+        runner = self._runner
+        prompt, add_bos = self.prompt_text(msgs)
 
         def tok(text: str) -> list[int]:
-            return llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True)
+            return runner.tokenize(text, add_bos)
 
         pcs = self._pieces
         change = None
@@ -535,12 +389,10 @@ class AtmProvider(_Retrying):
         else:
             # the change comes first: decode just its digits (grammar = the schema's pattern), greedily
             ctx = tok(prompt + pcs["before_change"])
-            self._eval_to(ctx)  # prefix-cached prompt evaluation, shared with the scoring below
-            out = llm.create_completion(prompt=ctx, grammar=self._change_grammar, max_tokens=24,
-                                        temperature=0.0, seed=0, stop=['"'])
+            out = runner.complete(ctx, grammar=self._change_grammar, max_tokens=24, stop=['"'])
             text = out["choices"][0]["text"]
             n_gen = int(out["usage"]["completion_tokens"])
-            if not re.fullmatch(_change_pattern(self.schema), text):
+            if not re.fullmatch(change_pattern(self.schema), text):
                 return Prediction(id=item_id, raw=text[:RAW_KEEP], valid=False,
                                   reason=f"bad number: decoded predicted_open_change {text[:40]!r} is not valid",
                                   latency=time.perf_counter() - t0, extra={"mode": "loglik"})
@@ -559,10 +411,11 @@ class AtmProvider(_Retrying):
         lps: dict[str, float] = {}
         for a, toks in opts.items():
             # each step evaluates one new token: the KV cache keeps the prompt and the shared prefix
-            lps[a] = sum(float(self._logsoftmax(self._eval_to(toks[:j]))[toks[j]]) for j in range(shared, len(toks)))
-        probs = _softmax(lps)
-        adv = max(probs, key=probs.get)
-        raw = self.answer_format().format(change=change or "0.00000000", advice=adv)
+            lps[a] = sum(float(self._logsoftmax(runner.next_logits(toks[:j]))[toks[j]])
+                         for j in range(shared, len(toks)))
+        probs = probs_from_logliks(lps)
+        adv = most_likely(probs)
+        raw = self._answer.format(change=change or "0.00000000", advice=adv)
         lat = time.perf_counter() - t0
         return Prediction(id=item_id, raw=raw, advice=adv, predicted_change=float(change) if change else None,
                           probs=probs, valid=True, latency=lat,
@@ -570,7 +423,7 @@ class AtmProvider(_Retrying):
                                  "decoded_tokens": n_gen, "mode": "loglik"})
 
     def answer_format(self) -> str:
-        return _template_answer_format(self.options, self.entry.template)
+        return self._answer
 
     # ------------------------------------------------------------ dispatch
     def predict_iter(self, items: Sequence[dict], mode: str = "generate") -> Iterator[Prediction]:
@@ -595,7 +448,7 @@ class AtmProvider(_Retrying):
         d = {"spec": self.spec, "ref": self.entry.ref, "path": self.entry.path, "sha256": self.entry.sha256,
              "quant": self.entry.quant, "llamacpp": self.entry.llamacpp, "template_check": self.template_check,
              "engine": "llama-server" if self._delegate else "llama-cpp-python in process",
-             "gpu_offload": getattr(self, "_gpu", None),
+             "gpu_offload": self._runner.gpu_offload if self._runner is not None else None,
              "concurrency": self.concurrency,
              "constraint": "LlamaGrammar.from_json_schema(prompts/advice.schema.json)",
              "llama-cpp-python": versions(("llama-cpp-python",)).get("llama-cpp-python")}
@@ -603,16 +456,11 @@ class AtmProvider(_Retrying):
 
     def close(self) -> None:
         if self._server is not None:
-            proc, self._server = self._server, None
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
-        if self._llm is not None:
-            self._llm.close() if hasattr(self._llm, "close") else None
-            self._llm = None
+            server, self._server = self._server, None
+            server.close()
+        if self._runner is not None:
+            self._runner.close()
+            self._runner = None
 
 
 # ---------------------------------------------------------------------------------- transformers
@@ -630,22 +478,17 @@ class HFProvider(_Retrying):
         meta = json.loads(p.read_text()) if p.exists() else {}
         t = meta.get("template")
         template = t.get("yaml") if isinstance(t, dict) else t if isinstance(t, str) else None
-        self._answer_format = _template_answer_format(options, template)
+        self._answer_format = _answer_format(options, template)
         self._pieces = answer_pieces(self._answer_format)
         self.schema = meta["schema"] if isinstance(meta.get("schema"), dict) else _schema(self._answer_format)
 
     def _load(self):
         if self._model is None:
-            torch = require("torch", "train")
-            tr = require("transformers", "train")
-            self.device = "cuda" if torch.cuda.is_available() else "cpu"
-            self.tok = tr.AutoTokenizer.from_pretrained(self.path)
-            self.tok.padding_side = "left"
-            if self.tok.pad_token is None:
-                self.tok.pad_token = self.tok.eos_token
-            dtype = torch.bfloat16 if self.device == "cuda" else torch.float32
-            self._model = tr.AutoModelForCausalLM.from_pretrained(self.path, dtype=dtype).to(self.device).eval()
-            self._torch = torch
+            from atm.runtime.hf import load_causal_lm
+
+            lm = load_causal_lm(self.path)
+            self._model, self.tok, self.device = lm.model, lm.tokenizer, lm.device
+            self._torch = require("torch", "train")
         return self._model
 
     def _prompts(self, items: Sequence[dict]) -> list[str]:
@@ -685,7 +528,7 @@ class HFProvider(_Retrying):
             gens = self._generate(items, max_new=int(self.gen["max_tokens"]))
             for k, g in enumerate(gens):
                 if g.valid and g.raw:
-                    m = re.search(_change_pattern(_schema()), g.raw)
+                    m = re.search(change_pattern(_schema()), g.raw)
                     changes[k] = m.group(0) if m else None
             prefixes = [p + pcs["before_change"] + (c or "0.00000000") + pcs["between"] for p, c in zip(prompts, changes)]
         seqs, plen = [], []
@@ -717,8 +560,8 @@ class HFProvider(_Retrying):
                 s = seqs[r]
                 off = L - len(s)
                 lps[a] = float(sum(logp[r, off + q - 1, s[q]] for q in range(plen[r], len(s))))
-            probs = _softmax(lps)
-            adv = max(probs, key=probs.get)
+            probs = probs_from_logliks(lps)
+            adv = most_likely(probs)
             ch = changes[k]
             raw = self._answer_format.format(change=ch or "0.00000000", advice=adv)
             out.append(Prediction(id=it["id"], raw=raw, advice=adv, predicted_change=float(ch) if ch else None,

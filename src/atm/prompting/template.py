@@ -23,9 +23,9 @@ import yaml
 from pydantic import Field, field_validator, model_validator
 
 from atm.config import AtmConfig, validate
+from atm.constants import ADVICES
 from atm.errors import ConfigError
-
-ADVICES = ("BUY", "NOOP", "SELL")
+from atm.prompting.answer import DEFAULT_ANSWER
 
 
 class Example(AtmConfig):
@@ -75,7 +75,7 @@ class TemplateSpec(AtmConfig):
         default=None, description="which value the answer writes first: change-first (the original's) or "
         "advice-first (loglik scores the advice right after the prompt); sets the default `answer` and the "
         "schema's property order, which constrained decoding follows (default: read from `answer`)")
-    answer: str = Field(default='{{"predicted_open_change": "{change}", "advice": "{advice}"}}',
+    answer: str = Field(default=DEFAULT_ANSWER,
                         description="assistant answer (str.format with {change} and {advice}; braces doubled); "
                         "its order must match answer_format")
     schema_file: str = Field(default="advice.schema.json", alias="schema",
@@ -264,6 +264,14 @@ def _str_representer(dumper: yaml.SafeDumper, data: str):
 
 
 _BlockDumper.add_representer(str, _str_representer)
+
+
+def answer_format_of(template_yaml: str | None) -> str:
+    """The ``answer`` format of a template given as YAML text (as it travels in dataset.json,
+    atm_model.json and registry entries); the default format when there is none."""
+    if not template_yaml:
+        return DEFAULT_ANSWER
+    return Template.from_yaml(template_yaml, source="the model's template").spec.answer
 
 
 def format_change(value: float) -> str:

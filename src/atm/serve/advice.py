@@ -13,21 +13,20 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import time
 from datetime import datetime, timezone
 from typing import Any
 
 import numpy as np
 
-ADVICES = ("BUY", "NOOP", "SELL")
+from atm.constants import ADVICES, MINUTE_NS
+from atm.prompting.answer import ADVICE_KEY, probs_from_top_logprobs
+
 BINANCE_ORDER = ("open_time", "open", "high", "low", "close", "volume", "close_time", "quote_volume",
                  "count", "taker_buy_volume", "taker_buy_quote_volume")
 PRICE_COLS = ("open", "high", "low", "close")
 FLOAT_COLS = ("open", "high", "low", "close", "volume", "quote_volume", "taker_buy_volume",
               "taker_buy_quote_volume")
-MINUTE_NS = 60_000_000_000
-_ADVICE_KEY = re.compile(r'"advice"\s*:\s*"')
 
 
 class AdviceInputError(Exception):
@@ -174,55 +173,21 @@ def encode_window(m, df) -> tuple[str, str]:
 
 
 def class_probs(resp: dict[str, Any], text: str) -> dict[str, float] | None:
-    """P(BUY/NOOP/SELL) from the top log-probs at the token where the advice value starts.
-
-    The candidates at that position are matched to the classes by prefix (``B`` -> BUY, ``NO`` ->
-    NOOP ...) and renormalized over the three classes; None when the engine gave no log-probs or
-    the position cannot be found.
-    """
+    """P(BUY/NOOP/SELL) from the top log-probs at the token where the advice value starts
+    (``atm.prompting.answer.probs_from_top_logprobs``: the one rule eval uses too), rounded for
+    the answer; None when the engine gave no log-probs or the position cannot be found."""
     try:
         content = resp["choices"][0]["logprobs"]["content"]
     except (KeyError, IndexError, TypeError):
         return None
-    if not content:
-        return None
-    # offsets in the generated tokens themselves: the message content may be trimmed of the
-    # leading whitespace the tokens carry
-    joined = "".join(tok.get("token", "") for tok in content)
-    m = _ADVICE_KEY.search(joined)
-    if not m:
-        return None
-    start = m.end()
-    pos = 0
-    for tok in content:
-        piece = tok.get("token", "")
-        end = pos + len(piece)
-        if pos <= start < end or (pos == start and piece):
-            pre = piece[: start - pos]
-            mass = {a: 0.0 for a in ADVICES}
-            alts = tok.get("top_logprobs") or [{"token": piece, "logprob": tok.get("logprob", 0.0)}]
-            for alt in alts:
-                s = alt.get("token", "")
-                if not s.startswith(pre):
-                    continue
-                r = s[len(pre):]
-                if not r:
-                    continue
-                hits = [a for a in ADVICES if a.startswith(r) or r.startswith(a)]
-                if len(hits) == 1:
-                    mass[hits[0]] += math.exp(float(alt.get("logprob", -1e9)))
-            total = sum(mass.values())
-            if total <= 0:
-                return None
-            return {a: round(v / total, 6) for a, v in mass.items()}
-        pos = end
-    return None
+    probs = probs_from_top_logprobs(content or [], ADVICES)
+    return {a: round(v, 6) for a, v in probs.items()} if probs else None
 
 
 async def advise(request, m, req, settings, call_cancellable) -> dict[str, Any]:
     """Answer one /v1/advice request (see the module docstring)."""
     from atm.prompting.advice import parse_advice
-    from atm.serve.engines import EngineError
+    from atm.serve.engines import EngineError, EngineRequest
 
     try:
         template = m.template()
@@ -238,25 +203,23 @@ async def advise(request, m, req, settings, call_cancellable) -> dict[str, Any]:
         raise AdviceInputError("give `klines` (a window of 1m klines) or `symbol` and `time`")
     context, for_time = encode_window(m, df)
     messages = template.render(context)
-    internal: dict[str, Any] = {"model": m.name, "messages": messages, "max_tokens": req.max_tokens,
-                                "temperature": req.temperature, "json_schema": schema}
-    if req.seed is not None:
-        internal["seed"] = req.seed
-    probe = getattr(m.engine, "class_probs", None)  # llama-server: exact, after the grammar
-    want_logprobs = (req.probs and probe is None and m.engine.supports_logprobs
-                     and settings.top_logprobs > 0)
+    ereq = EngineRequest(model=m.name, messages=messages, max_tokens=req.max_tokens, temperature=req.temperature,
+                         json_schema=schema, seed=req.seed)
+    caps = m.engine.capabilities
+    probe = caps.class_probs  # llama-server: exact, after the grammar
+    want_logprobs = req.probs and not probe and caps.logprobs and settings.top_logprobs > 0
     if want_logprobs:
-        internal["logprobs"] = True
-        internal["top_logprobs"] = settings.top_logprobs
+        ereq.logprobs = True
+        ereq.top_logprobs = settings.top_logprobs
     t0 = time.perf_counter()
     probs = None
     async with m.engine.admit():
-        resp = await call_cancellable(request, m.engine.chat(internal))
+        resp = await call_cancellable(request, m.engine.chat(ereq))
         choice = (resp.get("choices") or [{}])[0]
         text = (choice.get("message") or {}).get("content") or ""
-        key = _ADVICE_KEY.search(text)
-        if req.probs and probe is not None and key is not None:
-            probs = await call_cancellable(request, probe(messages, text[: key.end()], ADVICES))
+        key = ADVICE_KEY.search(text)
+        if req.probs and probe and key is not None:
+            probs = await call_cancellable(request, m.engine.class_probs(messages, text[: key.end()], ADVICES))
     gen_ms = (time.perf_counter() - t0) * 1000
     parsed = parse_advice(text)
     if want_logprobs:

@@ -29,7 +29,9 @@ def register(p: argparse.ArgumentParser) -> None:
     p.epilog = EPILOG
     p.add_argument("--model", action="append", default=[], metavar="NAME",
                    help="model to serve (repeatable): atm:q8, NAME=PATH, PATH or NAME=URL")
-    p.add_argument("--engine", choices=["llama-server", "transformers", "vllm", "remote"], default=None,
+    from atm.serve.engines import ENGINES
+
+    p.add_argument("--engine", choices=list(ENGINES), default=None,
                    help="engine for the models (default from the config: llama-server)")
     p.add_argument("--host", default=None, help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=None, help="port (default 8000)")

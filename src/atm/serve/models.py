@@ -9,15 +9,13 @@ trained on one prompt format and served another).
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from atm.errors import AtmError
-from atm.serve.engines import (Engine, LlamaServerEngine, RemoteEngine, TransformersEngine,
-                               VLLMEngine)
+from atm.serve.engines import Engine, engine_class
 from atm.serve.settings import ModelSpec, ServeSettings
 
 
@@ -120,18 +118,12 @@ def _file_info(path: Path, entry: Any = None) -> dict[str, Any]:
 def resolve(spec: ModelSpec, settings: ServeSettings) -> ServedModel:
     """Build the engine for one model spec (not started)."""
     kind = spec.engine or settings.engine
-    parallel = spec.parallel or settings.parallel
-    ctx = spec.ctx_size if spec.ctx_size is not None else settings.ctx_size
-    common = dict(parallel=parallel, max_queue=settings.max_queue,
-                  request_timeout=settings.request_timeout)
-    managed = dict(startup_timeout=settings.startup_timeout, max_restarts=settings.max_restarts,
-                   restart_window=settings.restart_window, log_dir=settings.log_dir,
-                   extra_args=spec.extra_args)
+    cls = engine_class(kind)
     entry = None
     meta: dict[str, Any] = {"template_yaml": None, "schema": None, "encoder": {}}
     path: Path | None = Path(spec.path).expanduser() if spec.path else None
 
-    if kind != "remote" and path is None and not spec.upstream:
+    if cls.serves != "url" and path is None and not spec.upstream:
         from atm.export.registry import Registry
 
         try:
@@ -140,7 +132,7 @@ def resolve(spec: ModelSpec, settings: ServeSettings) -> ServedModel:
             raise AtmError(str(exc)) from None
         meta = _meta_from_entry(entry)
         path = Path(str(_get(entry, "path")))
-        if kind in ("transformers", "vllm"):
+        if cls.serves == "hf":
             # an HF engine serves the merged HF dir the GGUF was converted from
             src = _get(entry, "source_dir", "model_dir", "hf_dir")
             if not src:
@@ -158,25 +150,7 @@ def resolve(spec: ModelSpec, settings: ServeSettings) -> ServedModel:
 
         meta["template_yaml"] = Template.load(spec.template).to_yaml()
 
-    if kind == "llama-server":
-        assert path is not None
-        engine: Engine = LlamaServerEngine(spec.name, path, ctx_size=ctx, threads=settings.threads,
-                                           ubatch_size=settings.ubatch_size, **common, **managed)
-    elif kind == "transformers":
-        assert path is not None
-        engine = TransformersEngine(spec.name, path, ctx_size=ctx, **common)
-    elif kind == "vllm":
-        assert path is not None or spec.upstream
-        engine = VLLMEngine(spec.name, path or "", ctx_size=ctx, upstream=spec.upstream,
-                            binary=os.environ.get("ATM_VLLM"), **common, **managed)
-    elif kind == "remote":
-        if not spec.upstream:
-            raise AtmError(f"model {spec.name!r}: the remote engine needs `upstream:` (a base URL)")
-        engine = RemoteEngine(spec.name, spec.upstream, api=spec.upstream_api,
-                              upstream_model=spec.upstream_model, api_key=spec.upstream_api_key,
-                              **common)
-    else:  # pragma: no cover - the Literal type forbids it
-        raise AtmError(f"unknown engine {kind!r}")
+    engine = cls.from_settings(spec, settings, path)
     info = _file_info(path, entry) if path is not None and path.exists() else {"family": "llama"}
     return ServedModel(name=spec.name, engine=engine, kind=kind, path=str(path) if path else None,
                        template_yaml=meta["template_yaml"], schema=meta["schema"],

@@ -13,8 +13,7 @@ from pydantic import Field, field_validator, model_validator
 
 from atm.config import AtmConfig
 
-EngineKind = Literal["llama-server", "transformers", "vllm", "remote"]
-ENGINES: tuple[str, ...] = ("llama-server", "transformers", "vllm", "remote")
+EngineKind = Literal["llama-server", "transformers", "vllm", "remote"]  # = atm.serve.engines.ENGINES
 
 
 class ModelSpec(AtmConfig):

@@ -13,7 +13,6 @@ from pathlib import Path
 import httpx
 
 
-
 class ServerProcess:
     """`python -m atm serve ...` in its own process group, stopped (and its engines) at exit."""
 
@@ -76,6 +75,14 @@ def engine_pid(url: str, model: str, headers: dict | None = None) -> int | None:
         if m["model"] == model:
             return m.get("pid")
     return None
+
+
+def engine_auth(pid: int, key_env: str = "LLAMA_API_KEY") -> dict[str, str]:
+    """The Authorization header of an engine process ATM started, read from its environment as
+    only the same user (or root) can (Linux ``/proc``): for tests that look at the engine itself."""
+    env = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+    key = next(v.split(b"=", 1)[1].decode() for v in env if v.startswith(key_env.encode() + b"="))
+    return {"Authorization": f"Bearer {key}"}
 
 
 def klines_rows(parquet: Path, start: int, n: int) -> list[dict]:
