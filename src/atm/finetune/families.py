@@ -459,6 +459,27 @@ def tokenizer_cases(name: str) -> list[tuple[str, list[int] | None]]:
     return [(t, [int(x) for x in line.split()]) for t, line in zip(texts, lines)]
 
 
+def llamacpp_parity(path: Path, tok, texts: list[str]) -> dict[str, Any]:
+    """Share of ``texts`` the HF tokenizer and llama.cpp (on the same GGUF) tokenize identically."""
+    llama_cpp = require("llama_cpp", "export", "llama-cpp-python")
+    from atm.export.gguf import quiet_stderr
+
+    with quiet_stderr():
+        llm = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
+    try:
+        same, first = 0, None
+        for t in texts:
+            a = tok.encode(t, add_special_tokens=False)
+            b = llm.tokenize(t.encode(), add_bos=False, special=False)
+            if a == b:
+                same += 1
+            elif first is None:
+                first = t[:80]
+    finally:
+        llm.close()
+    return {"n": len(texts), "match_rate": same / len(texts) if texts else None, "first_mismatch": first}
+
+
 def tokenizer_parity(name: str, tok=None) -> dict[str, Any]:
     """How many of llama.cpp's test strings ``tok`` (default: the rebuilt family tokenizer)
     tokenizes exactly as llama.cpp does: against llama.cpp's recorded ids, or for SmolLM2 (no
@@ -466,8 +487,6 @@ def tokenizer_parity(name: str, tok=None) -> dict[str, Any]:
     tok = tok or build_tokenizer(name)
     cases = tokenizer_cases(name)
     if cases and cases[0][1] is None:
-        from atm.finetune.sources import llamacpp_parity
-
         return {**llamacpp_parity(smollm2_gguf(), tok, [t for t, _ in cases]),
                 "reference": f"llama.cpp on {SMOLLM2_GGUF}"}
     bad = [t for t, ids in cases if tok.encode(t, add_special_tokens=False) != ids]

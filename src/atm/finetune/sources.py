@@ -90,27 +90,6 @@ def _tokenizer_from_gguf(path: Path, info: dict[str, Any]):
             "transformers gguf loader")
 
 
-def llamacpp_parity(path: Path, tok, texts: list[str]) -> dict[str, Any]:
-    """Share of ``texts`` the HF tokenizer and llama.cpp (on the same GGUF) tokenize identically."""
-    llama_cpp = require("llama_cpp", "export", "llama-cpp-python")
-    from atm.export.gguf import quiet_stderr
-
-    with quiet_stderr():
-        llm = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
-    try:
-        same, first = 0, None
-        for t in texts:
-            a = tok.encode(t, add_special_tokens=False)
-            b = llm.tokenize(t.encode(), add_bos=False, special=False)
-            if a == b:
-                same += 1
-            elif first is None:
-                first = t[:80]
-    finally:
-        llm.close()
-    return {"n": len(texts), "match_rate": same / len(texts) if texts else None, "first_mismatch": first}
-
-
 def base_from_gguf(source: str | Path, out: str | Path, dtype: str = "float32") -> Path:
     """Write the GGUF ``source`` (a path or a known name) as a plain HF model dir at ``out``."""
     torch = require("torch", "train")
@@ -129,7 +108,7 @@ def base_from_gguf(source: str | Path, out: str | Path, dtype: str = "float32") 
     log.info("loading %s (%s, %s) with transformers (dequantizing)", path, arch, info.get("file_type"))
     tok, tok_source = _tokenizer_from_gguf(path, info)
     cases = [t for t, _ in families.tokenizer_cases("llama-3.2")]  # llama.cpp's 46 test strings
-    parity = llamacpp_parity(path, tok, cases)
+    parity = families.llamacpp_parity(path, tok, cases)
     if parity["match_rate"] != 1.0:
         log.warning("%s: the HF tokenizer differs from llama.cpp's on %d of %d test strings (first: "
                     "%r); trained prompts may tokenize differently when served", path,
