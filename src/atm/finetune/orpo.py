@@ -71,7 +71,7 @@ def build_orpo_trainer(cfg, common: dict[str, Any], model, tok, train_ds, peft_c
     from trl.trainer.utils import global_then_local_main_first
 
     from atm.finetune.tokenized import ORPO_COLUMNS, prepare_orpo
-    from atm.finetune.train import check_lengths, split_file
+    from atm.finetune.data import check_lengths, split_file
 
     class AtmORPOTrainer(orpo.ORPOTrainer):
         """TRL's ORPO trainer, its rows tokenized as the chat template renders them.

@@ -19,6 +19,7 @@ from typing import Any, Iterable
 
 from atm.errors import AtmError, ConfigError, DataError, require
 from atm.finetune.config import FinetuneConfig
+from atm.finetune.data import check_lengths, dataset_summary, load_split, split_file  # noqa: F401 - used by tests
 
 VIEWS = {"sft": ("sft", ["messages"]), "orpo": ("preference", ["prompt", "chosen", "rejected"]),
          "dapo": ("rl", ["prompt", "ret_BUY", "ret_NOOP", "ret_SELL"])}
@@ -38,40 +39,6 @@ def load_config(method: str, recipe: str | Path | None, overrides: Iterable[str]
     if "{method}" in cfg.output_dir:
         cfg = cfg.model_copy(update={"output_dir": cfg.output_dir.replace("{method}", method)})
     return cfg
-
-
-def split_file(data: str | Path, view: str, split: str = "train") -> Path:
-    """The parquet file of one split of one view of an ATM dataset."""
-    return Path(data) / view / "data" / f"{split}-00000-of-00001.parquet"
-
-
-def load_split(data: str | Path, view: str, split: str = "train", columns: list[str] | None = None):
-    """One split of one view of an ATM dataset as a `datasets.Dataset`."""
-    datasets = require("datasets", "train")
-    f = split_file(data, view, split)
-    if not f.exists():
-        raise DataError(f"missing {view}/{split} split (build the dataset with `atm prompts build`)",
-                        str(f))
-    ds = datasets.load_dataset("parquet", data_files={split: str(f)}, split=split)
-    if columns:
-        missing = [c for c in columns if c not in ds.column_names]
-        if missing:
-            raise DataError(f"missing columns {missing} (has {ds.column_names})", str(f))
-        ds = ds.select_columns(columns)
-    if len(ds) == 0:
-        raise DataError("no rows", str(f))
-    return ds
-
-
-def dataset_summary(data: str | Path) -> dict[str, Any]:
-    """The dataset's `dataset.json` (its full config and provenance), or just the path."""
-    meta = Path(data) / "dataset.json"
-    if not meta.exists():
-        return {"path": str(data)}
-    try:
-        return {"path": str(data), **json.loads(meta.read_text())}
-    except json.JSONDecodeError as exc:
-        raise DataError(f"not valid JSON: {exc}", str(meta)) from None
 
 
 def load_model_for_training(cfg: FinetuneConfig):
@@ -354,57 +321,6 @@ def balanced_rows(method: str, ds, limit: int | None):
         raise DataError(f"balance_labels: a class has no training rows ({counts})")
     keep = sorted(v[(k * len(v)) // per] for v in by_class.values() for k in range(per))
     return ds.select(keep), {a: per for a in ADVICES}
-
-
-def check_lengths(method: str, cfg: FinetuneConfig, model, tok, ds, sample: int = 2000,
-                  measured: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Refuse a run whose rows would not fit: TRL cuts rows longer than ``max_length`` from the
-    end, which removes the answer the row exists to teach (a real tokenizer that splits digits
-    makes the seed prompt 2-3x longer than the tiny one). Counts tokens of up to ``sample`` rows,
-    rendered with the model's chat template, and returns the figures for atm_run.json.
-    ``measured``: figures already counted on every row (ORPO's tokenized rows: checked, max,
-    mean, over), used instead of counting a sample."""
-    n_ctx = getattr(model.config, "max_position_embeddings", None)
-    if n_ctx and cfg.max_length > n_ctx:
-        raise ConfigError(f"max_length={cfg.max_length} is longer than the context of {cfg.model} "
-                          f"({n_ctx} tokens); set max_length <= {n_ctx}")
-    if measured is not None:
-        _refuse_long_rows(method, cfg, n_ctx, measured["over"], measured["checked"], measured["max"])
-        return {"checked": measured["checked"], "max": measured["max"], "mean": measured["mean"],
-                "max_length": cfg.max_length, "model_context": n_ctx}
-    idx = range(len(ds)) if len(ds) <= sample else [round(i * (len(ds) - 1) / (sample - 1))
-                                                     for i in range(sample)]
-    rows = ds.select(idx)
-    extra = cfg.dapo.max_completion_length if method == "dapo" else 0
-
-    def n_tokens(messages, gen=False) -> int:
-        out = tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=gen)
-        ids = out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out
-        return len(ids)
-
-    lengths = []
-    for row in rows:
-        if method == "sft":
-            lengths.append(n_tokens(row["messages"]))
-        elif method == "orpo":
-            lengths.append(max(n_tokens(row["prompt"] + row[k]) for k in ("chosen", "rejected")))
-        else:
-            lengths.append(n_tokens(row["prompt"], gen=True) + extra)
-    longest = max(lengths) if lengths else 0
-    _refuse_long_rows(method, cfg, n_ctx, sum(n > cfg.max_length for n in lengths), len(lengths), longest)
-    return {"checked": len(lengths), "max": longest,
-            "mean": round(sum(lengths) / len(lengths), 1) if lengths else None,
-            "max_length": cfg.max_length, "model_context": n_ctx}
-
-
-def _refuse_long_rows(method: str, cfg: FinetuneConfig, n_ctx, over: int, checked: int, longest: int) -> None:
-    if over:
-        what = "prompt + max_completion_length" if method == "dapo" else "rows"
-        raise ConfigError(
-            f"{over} of {checked} {what} checked are longer than max_length={cfg.max_length} "
-            f"tokens with {cfg.model}'s tokenizer and chat template (longest {longest}); TRL would "
-            f"cut their answers off. Raise max_length (the model allows {n_ctx or 'unknown'}), or "
-            "use a shorter encoder or fewer k-shot examples")
 
 
 def train(method: str, recipe: str | Path | None, overrides: Iterable[str] = ()) -> Path:
