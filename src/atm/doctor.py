@@ -36,6 +36,7 @@ def report(build: bool = False) -> dict:
     except ImportError:
         out["llama.cpp"] = "atm.export.llamacpp not available"
     out["tokenizers"] = _family_tokenizers(build)
+    out["real models"] = _real_models()
     out["chromium"] = shutil.which("chromium")
     out["go"] = _go()
     out["ollama"] = shutil.which("ollama")
@@ -65,6 +66,21 @@ def _family_tokenizers(build: bool) -> dict:
             out[name] = str(d) if (d / "tokenizer.json").is_file() else "not built (atm doctor --build)"
         except AtmError as exc:
             out[name] = f"not available: {exc}"
+    return out
+
+
+def _real_models() -> dict:
+    """Trained models ATM can use offline by name (``atm finetune base --gguf NAME``)."""
+    from atm.errors import AtmError
+    from atm.finetune.sources import named_sources, resolve_gguf
+
+    out = {}
+    for name, (install, _desc) in named_sources().items():
+        try:
+            path, _family = resolve_gguf(name)
+            out[name] = f"{path} ({path.stat().st_size / 2**20:.0f} MiB)"
+        except AtmError:
+            out[name] = f"not installed ({install})"
     return out
 
 
