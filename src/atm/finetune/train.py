@@ -284,8 +284,12 @@ def build_trainer(method: str, cfg: FinetuneConfig, model, tok, train_ds, callba
                              assistant_only_loss=cfg.sft.assistant_only_loss,
                              completion_only_loss=cfg.sft.completion_only_loss,
                              dataset_num_proc=cfg.dataset_num_proc)
-        return trl.SFTTrainer(model=model, args=args, train_dataset=train_ds, processing_class=tok,
-                              peft_config=peft_cfg, callbacks=callbacks)
+        trainer = trl.SFTTrainer(model=model, args=args, train_dataset=train_ds, processing_class=tok,
+                                 peft_config=peft_cfg, callbacks=callbacks)
+        from atm.finetune.sft import score_label_positions_only
+
+        score_label_positions_only(trainer)  # CPU: TRL's fused head would score every position
+        return trainer
     if method == "orpo":
         from atm.finetune.orpo import build_orpo_trainer
 
