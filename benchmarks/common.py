@@ -18,12 +18,16 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def write_result(name: str, title: str, figures: list[dict], targets: list[dict], notes: str = "") -> Path:
-    """Write benchmarks/results/<name>.json (rendered into docs/benchmarks.md by run_all.py)."""
+def write_result(name: str, title: str, figures: list[dict], targets: list[dict], notes: str = "",
+                 script: str | None = None) -> Path:
+    """Write benchmarks/results/<name>.json (rendered into docs/benchmarks.md by run_all.py);
+    ``script``: the command that made it when it is not ``bench_<name>.py``."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / f"{name}.json"
     payload = {"title": title, "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
                "machine": machine(), "figures": figures, "targets": targets, "notes": notes}
+    if script:
+        payload["script"] = script
     tmp = out.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(payload, indent=2) + "\n")
     os.replace(tmp, out)

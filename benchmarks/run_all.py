@@ -21,7 +21,10 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 RESULTS = HERE / "results"
 DOC = ROOT / "docs" / "benchmarks.md"
-ORDER = ["data", "prompts", "tokens", "families", "finetune", "export", "serve", "eval", "backtest"]
+ORDER = ["data", "prompts", "tokens", "families", "finetune", "finetune-smollm2", "export", "serve", "eval",
+         "backtest"]
+# Results made by another script or mode than bench_<name>.py: name -> (script, arguments).
+RUNS = {"finetune-smollm2": ("bench_finetune.py", ["--smollm2"])}
 
 
 def machine() -> str:
@@ -45,12 +48,13 @@ def machine() -> str:
 def run_scripts(only: list[str] | None) -> dict[str, float]:
     times = {}
     for name in ORDER:
-        script = HERE / f"bench_{name}.py"
+        file, extra = RUNS.get(name, (f"bench_{name}.py", []))
+        script = HERE / file
         if not script.exists() or (only and name not in only):
             continue
-        print(f"==> {script.name}", flush=True)
+        print(f"==> {' '.join([script.name, *extra])}", flush=True)
         t0 = time.time()
-        rc = subprocess.call([sys.executable, str(script)], cwd=ROOT,
+        rc = subprocess.call([sys.executable, str(script), *extra], cwd=ROOT,
                              env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
         times[name] = time.time() - t0
         if rc != 0:
@@ -90,7 +94,7 @@ def render() -> str:
             lines.append(f"| {res.get('title', name)} | {t.get('name')}: {t.get('target')} | "
                          f"{'yes' if met else ('n/a' if met is None else '**no**')} |")
         sec = [f"## {res.get('title', name)}", "",
-               f"Script: `benchmarks/bench_{name}.py`. Measured {res.get('date', '?')} on {res.get('machine', '?')}.", "",
+               f"Script: `benchmarks/{res.get('script', f'bench_{name}.py')}`. Measured {res.get('date', '?')} on {res.get('machine', '?')}.", "",
                "| figure | value | unit |", "|---|---|---|"]
         for f in res.get("figures", []):
             sec.append(f"| {f.get('name')} | {fmt(f.get('value'))} | {f.get('unit', '')} |")
