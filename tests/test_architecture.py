@@ -49,7 +49,8 @@ FORBIDDEN: list[tuple[str, str, str]] = [
     ("atm.serve.chat", "atm.serve.engines", "the chat UI is a client of `atm serve` over HTTP"),
     ("atm.serve.chat", "atm.serve.api", "the chat UI is a client of `atm serve` over HTTP"),
     *[(src, t, "providers answer items; running, scoring and reporting a run sit above them")
-      for src in ("atm.eval.providers", "atm.eval.llm", "atm.eval.baselines", "atm.eval.classic.provider",
+      for src in ("atm.eval.providers", "atm.eval.llm", "atm.eval.fanout", "atm.eval.baselines",
+                  "atm.eval.classic.provider",
                   "atm.eval.classic.core", "atm.eval.classic.models", "atm.eval.classic.design")
       for t in ("atm.eval.harness", "atm.eval.rundir", "atm.eval.scoring", "atm.eval.report", "atm.eval.cli")],
     ("atm.eval.harness", "atm.eval.report", "the CLI writes the report after a run"),

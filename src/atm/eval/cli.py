@@ -11,13 +11,20 @@ RUN_EPILOG = """examples:
   atm-eval run --model openai:atm@http://127.0.0.1:8000/v1 --concurrency 8
   atm-eval run --model atm:q8 --suite eval/suites/seed-replication.yaml
   atm-eval run --model hf:runs/sft-merged --data datasets/build/btc-seed --split verify --limit 200
+  atm-eval run --model openai:atm@http://gpu0:8000/v1,http://gpu1:8000/v1 --concurrency 16   # fan-out
+  atm-eval run --model atm:q8 --shard 2/4 --out runs/eval/q8-shard2of4   # this machine's quarter
 rerun the same command after an interruption: finished items are kept, the rest are asked.
-model forms: atm:TAG | openai:MODEL@BASE_URL | ollama:NAME | hf:PATH |
+--concurrency is per endpoint; `atm-eval report SHARD_DIRS... --out DIR` merges shards into one run.
+model forms: atm:TAG | openai:MODEL@BASE_URL[,BASE_URL...] | ollama:NAME | hf:PATH |
              baseline:random|majority|prior|momentum|persistence | classic:logreg|lgbm|cnn|lstm[@RUN]"""
 
 REPORT_EPILOG = """examples:
   atm-eval report runs/eval/default-verify
-  atm-eval report runs/eval/q8 runs/eval/q4 --out runs/eval/compare"""
+  atm-eval report runs/eval/q8 runs/eval/q4 --out runs/eval/compare
+  atm-eval report runs/eval/q8-shard*of4 --out runs/eval/q8   # merge the 4 shards of one run
+shard directories (atm-eval run --shard K/N) are merged into one run directory (--out, default
+FIRST-merged) after checking they share suite, items (content hash), split and models; every shard
+K of 1..N must be there. A merge is rewritten from the shards each time (run it again as they progress)."""
 
 LIST_EPILOG = """examples:
   atm-eval list"""
@@ -40,7 +47,11 @@ def register(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=int, default=None, help="evaluate at most N items")
     p.add_argument("--mode", choices=["generate", "loglik"], default=None,
                    help="generate: constrained decoding; loglik: log-prob of each advice (class probabilities)")
-    p.add_argument("--concurrency", type=int, default=None, help="requests in flight per model")
+    p.add_argument("--concurrency", type=int, default=None,
+                   help="requests in flight per model (per endpoint with MODEL@URL1,URL2)")
+    p.add_argument("--shard", default=None, metavar="K/N",
+                   help="evaluate only shard K of N: item i of the selection belongs to shard i %% N + 1 "
+                        "(merge the shard directories with `atm-eval report`)")
     p.add_argument("--out", default=None, help="run directory (default runs/eval/SUITE-SPLIT[-limitN])")
     p.add_argument("--no-baselines", action="store_true", help="do not add the suite's baselines")
     p.add_argument("--retry-failed", action="store_true", help="ask again about items recorded as failures")
@@ -66,15 +77,17 @@ def register(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from atm.eval.harness import load_suite, run_eval
+    from atm.eval.harness import load_suite, parse_shard, run_eval
 
     suite = load_suite(args.suite, args.overrides)
     split = args.split or suite.split
     lim = args.limit or suite.limit
-    out = args.out or f"runs/eval/{suite.name}-{split}" + (f"-limit{lim}" if lim else "")
+    kn = parse_shard(args.shard)
+    out = args.out or (f"runs/eval/{suite.name}-{split}" + (f"-limit{lim}" if lim else "")
+                       + (f"-shard{kn[0]}of{kn[1]}" if kn else ""))
     metrics = run_eval(args.model, suite, out, data=args.data, split=args.split, limit=args.limit,
                        mode=args.mode, concurrency=args.concurrency, with_baselines=not args.no_baselines,
-                       retry_failed=args.retry_failed)
+                       retry_failed=args.retry_failed, shard=kn)
     if not args.no_report:
         from atm.eval.report import write_report
 
@@ -102,9 +115,21 @@ def _print_summary(metrics: dict) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    from atm.errors import AtmError
+    from atm.eval import rundir
     from atm.eval.report import write_report
 
-    paths = write_report(args.runs, out_dir=args.out)
+    runs, out = args.runs, args.out
+    shards = [r for r in runs if rundir.shard_of(r)]
+    if shards:
+        if len(shards) != len(runs):
+            plain = [r for r in runs if r not in shards]
+            raise AtmError(f"{', '.join(shards)} are shards and {', '.join(plain)} are not: merge the shards of one "
+                           "run first (atm-eval report SHARDS --out DIR), then report DIR beside the others")
+        merged = rundir.merge_shards(shards, out or rundir.default_merge_dir(shards))
+        print(f"merged {len(shards)} shards into {merged}")
+        runs, out = [merged], merged
+    paths = write_report(runs, out_dir=out)
     for v in paths["verdicts"]:
         print(f"verdict: {v}")
     print(f"report: {paths['md']} and {paths['html']}")

@@ -9,6 +9,10 @@ Resume: rerunning the same command reads each predictions file, drops a torn las
 being written when the process died), dedupes by id (last record wins, so ``--retry-failed`` can
 replace failures) and only asks the models about the items still missing. Nothing is lost or
 doubled. Items are never passed to a model with their label or realized returns.
+
+Shards: ``shard="K/N"`` runs a deterministic 1/N of the selected items (``shard_rows``), so N
+machines share one run; each shard directory is a run of its own (resumable as above) and
+``atm.eval.rundir.merge_shards`` joins them into the run one machine would have written.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from atm.constants import ADVICES
 from atm.eval import rundir
 from atm.eval.providers import (GenerationSpec, Provider, get_provider, model_kind, parse_spec,
                                 resolve_registry)
-from atm.eval.rundir import ResultWriter, failure, read_results, record_of
+from atm.eval.rundir import ResultWriter, failure, read_results, record_of, shard_rows
 from atm.eval.scoring import MetricsSpec, evaluate_run
 from atm.utils import provenance, repo_root, sha256_file, sha256_text
 
@@ -174,6 +178,32 @@ def select_items(df, suite: SuiteConfig, limit: int | None):
     return df.reset_index(drop=True)
 
 
+def parse_shard(shard: str | tuple[int, int] | None) -> tuple[int, int] | None:
+    """``"K/N"`` (1 <= K <= N) -> (K, N); None for no sharding. Which items: ``rundir.shard_rows``."""
+    if shard is None:
+        return None
+    if isinstance(shard, tuple):
+        k, n = shard
+    else:
+        a, sep, b = str(shard).partition("/")
+        if not sep or not a.strip().isdigit() or not b.strip().isdigit():
+            raise AtmError(f"--shard {shard!r}: expected K/N, e.g. --shard 1/4 (the first of 4 shards)")
+        k, n = int(a), int(b)
+    if not 1 <= k <= n:
+        raise AtmError(f"--shard {k}/{n}: K must be between 1 and N")
+    return k, n
+
+
+def selection_hash(df, phashes: Sequence[str]) -> str:
+    """A content hash of the selected items (not of a path or a file's bytes): each item's id, prompt
+    hash, label and realized returns, in order. Shards of one run share it (``merge_shards`` checks)."""
+    cols = [c for c in ("label", "ret_BUY", "ret_NOOP", "ret_SELL") if c in df.columns]
+    vals = df[cols].to_numpy(dtype=object).tolist() if cols else [[]] * len(df)
+    lines = (json.dumps([str(i), h, *[_plain(v) for v in row]], default=str)
+             for i, h, row in zip(df["id"].tolist(), phashes, vals))
+    return sha256_text("\n".join(lines))
+
+
 def prompt_hash(prompt: Any) -> str:
     if hasattr(prompt, "tolist"):
         prompt = prompt.tolist()
@@ -226,10 +256,11 @@ def _expand_models(models: Sequence[str], suite: SuiteConfig, with_baselines: bo
 def run_eval(models: Sequence[str], suite: SuiteConfig, out: str | Path, *, data: str | None = None,
              split: str | None = None, limit: int | None = None, mode: str | None = None,
              concurrency: int | None = None, with_baselines: bool = True, retry_failed: bool = False,
-             quiet: bool = False) -> dict[str, Any]:
+             quiet: bool = False, shard: str | tuple[int, int] | None = None) -> dict[str, Any]:
     """Evaluate ``models`` (plus the suite's baselines) on the same items; resumable. Returns the
     run's metrics (``atm.eval.scoring.evaluate_run``); the report is written by the caller
-    (``atm.eval.report.write_report``; the CLI does it unless ``--no-report``)."""
+    (``atm.eval.report.write_report``; the CLI does it unless ``--no-report``). ``shard="K/N"``
+    evaluates only shard K of N (``shard_rows``)."""
     import pandas as pd
 
     if not models:
@@ -242,17 +273,29 @@ def run_eval(models: Sequence[str], suite: SuiteConfig, out: str | Path, *, data
     if mode not in ("generate", "loglik"):
         raise AtmError(f"--mode {mode!r}: expected generate or loglik")
     concurrency = concurrency or suite.concurrency
+    kn = parse_shard(shard)
     out = Path(out)
     dataset_dir = ensure_dataset(suite, data)
     ipath = items_path(dataset_dir, split)
     df = select_items(load_items(dataset_dir, split), suite, limit)
+    all_ids = df["id"].astype(str).tolist()
+    selection = {"selection_sha256": selection_hash(df, [prompt_hash(p) for p in df["prompt"]]
+                                                    if "prompt" in df else [""] * len(df)),
+                 "n_items_all": len(all_ids), "ids_sha256_all": sha256_text("\n".join(all_ids))}
+    if kn is not None:
+        rows = shard_rows(len(df), *kn)
+        if not len(rows):
+            raise AtmError(f"shard {kn[0]}/{kn[1]} has no items: the selection holds {len(df)}")
+        df = df.iloc[list(rows)].reset_index(drop=True)
+        selection["shard"] = {"k": kn[0], "n": kn[1], "rule": rundir.SHARD_RULE}
     ids = df["id"].astype(str).tolist()
     data_info = {"path": str(dataset_dir), "split": split, "items_file": str(ipath),
                  "items_sha256": sha256_file(ipath), "n_items": len(ids),
                  "ids_sha256": sha256_text("\n".join(ids)),
                  "klines_sha256": sha256_file(dataset_dir / "klines.parquet") if (dataset_dir / "klines.parquet").exists() else None,
                  "first_open_time": str(df["open_time"].iloc[0]) if "open_time" in df else None,
-                 "last_open_time": str(df["open_time"].iloc[-1]) if "open_time" in df else None}
+                 "last_open_time": str(df["open_time"].iloc[-1]) if "open_time" in df else None,
+                 **selection}
     meta_path = dataset_dir / "dataset.json"
     dataset_meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
 
@@ -279,6 +322,8 @@ def run_eval(models: Sequence[str], suite: SuiteConfig, out: str | Path, *, data
     rundir.write_manifest(out, manifest)
 
     specs = _expand_models(models, suite, with_baselines)
+    manifest["specs"] = list(dict.fromkeys([*manifest.get("specs", []), *specs]))  # every model asked, started or not
+    rundir.write_manifest(out, manifest)
     m_items = model_items(df)
     phashes = [prompt_hash(it.get("prompt")) for it in m_items]
     train_cache: list[dict] | None = None

@@ -94,6 +94,11 @@ class _Retrying(Provider):
     def _attempt(self, item: dict, mode: str) -> Prediction:  # pragma: no cover - interface
         raise NotImplementedError
 
+    def attempt(self, item: dict, mode: str) -> Prediction:
+        """One request, no retry: a Prediction, or ``Transient`` (timeout, dropped connection, 5xx,
+        429) for the caller to retry; ``atm.eval.fanout`` retries it on another endpoint."""
+        return self._attempt(item, mode)
+
     def _one(self, item: dict, mode: str) -> Prediction:
         delay = float(self.gen["backoff"])
         last = ""

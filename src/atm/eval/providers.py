@@ -4,6 +4,10 @@
 ``baseline:majority``, ``classic:lgbm[@runs/classic/X]``). The registry maps a prefix to
 ``"module:Class"`` and imports the module only when that prefix is used, so evaluating baselines
 never imports torch or llama.cpp (the lm-eval style).
+
+``openai:MODEL@URL1,URL2,...`` names several endpoints serving the same model: ``get_provider``
+gives one provider per endpoint behind ``atm.eval.fanout.FanOut``, which sends each item to
+whichever endpoint has a free slot and retries a dead endpoint's items on the others.
 """
 
 from __future__ import annotations
@@ -99,9 +103,13 @@ REGISTRY: dict[str, str] = {
     "classic": "atm.eval.classic.provider:ClassicProvider",
 }
 
+# prefixes whose ``MODEL@URL`` may list several endpoints of one model (``MODEL@URL1,URL2``)
+FAN_OUT = ("openai",)
+FANOUT_CLASS = "atm.eval.fanout:FanOut"
+
 VALID_FORMS = (
     "atm:TAG (a registry name, e.g. atm:q8)",
-    "openai:MODEL@BASE_URL (any OpenAI-compatible server)",
+    "openai:MODEL@BASE_URL (any OpenAI-compatible server; MODEL@URL1,URL2 fans out over several)",
     "ollama:NAME (an Ollama server at OLLAMA_HOST)",
     "hf:PATH (a Hugging Face model dir or hub id, transformers)",
     "baseline:random|majority|prior|momentum|persistence",
@@ -136,12 +144,35 @@ def resolve_registry(spec: str, arg: str | None = None) -> Any:
         raise AtmError(f"{exc}\nvalid forms of --model:\n  " + "\n  ".join(VALID_FORMS)) from None
 
 
+def endpoint_args(prefix: str, rest: str) -> list[str]:
+    """The single-endpoint args of a spec's ``REST``: ``MODEL@URL1,URL2`` -> ``[MODEL@URL1, MODEL@URL2]``;
+    ``[rest]`` when it names one endpoint (or its prefix does not fan out)."""
+    model, sep, urls = rest.partition("@")
+    if prefix not in FAN_OUT or not sep or "," not in urls:
+        return [rest]
+    parts = [u.strip() for u in urls.split(",")]
+    if not model or any(not u for u in parts):
+        raise AtmError(f"{prefix}:{rest}: expected {prefix}:MODEL@URL1,URL2,... (no empty endpoint)")
+    dup = sorted({u for u in parts if parts.count(u) > 1})
+    if dup:
+        raise AtmError(f"{prefix}:{rest}: endpoint {dup[0]} is listed twice (raise --concurrency to give one "
+                       "endpoint more requests in flight)")
+    return [f"{model}@{u}" for u in parts]
+
+
+def _load(target: str) -> Any:
+    module_name, cls_name = target.split(":")
+    return getattr(importlib.import_module(module_name), cls_name)
+
+
 def get_provider(spec: str, **options: Any) -> Provider:
     prefix, rest = parse_spec(spec)
-    module_name, cls_name = REGISTRY[prefix].split(":")
-    module = importlib.import_module(module_name)
-    cls = getattr(module, cls_name)
-    return cls(spec, rest, **options)
+    cls = _load(REGISTRY[prefix])
+    args = endpoint_args(prefix, rest)
+    if len(args) == 1:
+        return cls(spec, rest, **options)
+    fanout = _load(FANOUT_CLASS)  # by name, as the registry: fanout imports the providers it drives
+    return fanout(spec, [cls(f"{prefix}:{a}", a, **options) for a in args], **options)
 
 
 def model_kind(spec: str) -> str:

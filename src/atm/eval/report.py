@@ -329,6 +329,7 @@ def build_doc(metrics: dict[str, Any], run_dir: Path, bt: dict[str, Any] | None,
     notes = [f"`{s}`: {r['note']}" for s, r in models.items() if r.get("note")]
     if notes:
         d.ul(notes)
+    _scale_out(d, metrics)
 
     d.h(2, "Paired comparisons")
     for spec, r in models.items():
@@ -395,6 +396,21 @@ def build_doc(metrics: dict[str, Any], run_dir: Path, bt: dict[str, Any] | None,
     d.h(2, "Models")
     d.pre(json.dumps({s: r.get("describe", {}) for s, r in _describes(run_dir).items()}, indent=1, default=str)[:20000])
     return d
+
+
+def _scale_out(d: Doc, metrics: dict[str, Any]) -> None:
+    """Which shards a merged run joins, and which endpoint of a fan-out answered how many items."""
+    shards = (metrics.get("data") or {}).get("merged_from")
+    if shards:
+        d.p(f"Merged from {len(shards)} shards (`atm-eval run --shard K/N`): " + "; ".join(
+            f"{s['shard']} {s['n_items']:,} items (`{s['dir']}`)" for s in shards) + ".")
+    rows = [[f"`{spec}`", f"`{ep}`", f"{c['items']:,}", f"{c['failed']:,}"]
+            for spec, r in metrics["models"].items() for ep, c in (r.get("endpoints") or {}).items()]
+    if rows:
+        d.h(3, "Endpoints")
+        d.table(["model", "endpoint", "items answered", "of them failed"], rows, align="llrr")
+        d.p("Each item's record names the endpoint that answered it (`endpoint`); `none` counts items that "
+            "failed on every endpoint.")
 
 
 def _describes(run_dir: Path) -> dict[str, Any]:

@@ -67,6 +67,8 @@ def evaluate_run(run_dir: str | Path) -> dict[str, Any]:
                                "complete": len(have) == len(ids)}
         res["validity"] = M.validity([bool(r.get("valid")) for r in rlist], [r.get("reason") for r in rlist])
         res["failed"] = int(sum(bool(r.get("failed")) for r in rlist))
+        if any(r.get("endpoint") for r in rlist):
+            res["endpoints"] = endpoint_counts(rlist)
         if len(have):
             res.update(M.classification(t, p))
             res["ci"] = M.bootstrap_ci(t, p, boot)
@@ -111,6 +113,17 @@ def evaluate_run(run_dir: str | Path) -> dict[str, Any]:
            "verdicts": [r["verdict"] for s, r in results.items() if r.get("verdict") and _is_candidate(s, results)],
            "data": manifest["data"], "suite": manifest["suite"], "label_config": lcfg}
     rundir.write_metrics(run_dir, out)
+    return out
+
+
+def endpoint_counts(records: Sequence[dict]) -> dict[str, dict[str, int]]:
+    """Items per endpoint of a fan-out (``atm.eval.fanout``), and how many of them are failures.
+    An item that failed on every endpoint has no endpoint; it is counted under ``none``."""
+    out: dict[str, dict[str, int]] = {}
+    for r in records:
+        c = out.setdefault(r.get("endpoint") or "none", {"items": 0, "failed": 0})
+        c["items"] += 1
+        c["failed"] += int(bool(r.get("failed")))
     return out
 
 
