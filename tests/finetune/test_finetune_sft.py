@@ -104,7 +104,7 @@ def test_merge_matches_adapter_logits(tiny_base, tiny_sft, tiny_merged, sample_d
 
 
 def test_merged_generates_schema_valid_advice(tiny_merged, sample_dataset):
-    from atm.finetune.constrained import generate_constrained
+    from atm.prompting.hf_constraint import generate_constrained
     from atm.prompting.advice import load_schema, parse_advice
 
     model = transformers.AutoModelForCausalLM.from_pretrained(str(tiny_merged)).eval()

@@ -9,18 +9,18 @@ import re
 import pytest
 
 from atm.constants import ADVICES
-from atm.prompting.answer import (DEFAULT_ANSWER, answer_pieces, answer_regex, class_of, most_likely,
+from atm.prompting.answer import (CHANGE_RE, DEFAULT_ANSWER, answer_pieces, change_pattern, class_of, most_likely,
                                   probs_from_logliks, probs_from_token_probs, probs_from_top_logprobs)
 
 
-def test_pieces_and_regex_of_the_default_format():
+def test_pieces_of_the_default_format_and_the_schema_pattern():
     p = answer_pieces(DEFAULT_ANSWER)
     assert p == {"advice_first": False, "before_change": '{"predicted_open_change": "', "between": '", "advice": "',
                  "after_advice": '"}'}
-    rx = re.compile(answer_regex(DEFAULT_ANSWER))
-    assert rx.fullmatch(' {"predicted_open_change": "-1.50000000", "advice": "SELL"}')
-    assert not rx.fullmatch('{"predicted_open_change": "1.5", "advice": "SELL"}')
-    assert not rx.fullmatch('{"predicted_open_change": "1.50000000", "advice": "HOLD"}')
+    from atm.prompting.advice import load_schema
+
+    assert change_pattern(load_schema()) == CHANGE_RE  # the parser's pattern is the schema's
+    assert re.fullmatch(CHANGE_RE, "-1.50000000") and not re.fullmatch(CHANGE_RE, "1.5")
     first = answer_pieces('{{"advice": "{advice}", "predicted_open_change": "{change}"}}')
     assert first["advice_first"] and first["before_advice"] == '{"advice": "' and first["after_advice"] == '", "predicted_open_change": "'
 

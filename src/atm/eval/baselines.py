@@ -23,6 +23,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from atm.errors import AtmError
+from atm.artifacts import DatasetDir
 from atm.constants import ADVICES
 from atm.eval.providers import Prediction, Provider
 
@@ -32,40 +33,6 @@ KINDS = ("random", "majority", "prior", "momentum", "persistence")
 def _item_rng(seed: int, item_id: Any) -> np.random.Generator:
     h = int(hashlib.sha256(str(item_id).encode()).hexdigest()[:12], 16)
     return np.random.default_rng([int(seed), h])
-
-
-def read_dataset_meta(dataset_dir: str | Path) -> dict[str, Any]:
-    p = Path(dataset_dir) / "dataset.json"
-    if not p.exists():
-        return {}
-    return json.loads(p.read_text())
-
-
-def label_config(meta: dict[str, Any]) -> dict[str, Any]:
-    """The label config recorded in ``dataset.json`` (as a dict for ``LabelConfig``, unknown keys dropped)."""
-    raw = _label_config_raw(meta)
-    try:
-        from atm.market.labels import LabelConfig
-
-        return {k: v for k, v in raw.items() if k in LabelConfig.model_fields}
-    except ImportError:  # pragma: no cover
-        return raw
-
-
-def _label_config_raw(meta: dict[str, Any]) -> dict[str, Any]:
-    for key in ("label_config", "label"):
-        v = meta.get(key)
-        if isinstance(v, dict):
-            return v
-    cfg = meta.get("config") or {}
-    for key in ("label_config", "label"):
-        v = cfg.get(key)
-        if isinstance(v, dict):
-            return v
-        if isinstance(v, str):
-            extra = cfg.get("label_options") or {}
-            return {"rule": v, **extra}
-    return {}
 
 
 def label_lag(df, cfg, probes: int = 3, seed: int = 0) -> int:
@@ -150,12 +117,13 @@ class BaselineProvider(Provider):
     def _fit_signal(self, dataset_dir: Path, train_items: Sequence[dict]) -> None:
         import pandas as pd
 
-        kpath = dataset_dir / "klines.parquet"
-        if not kpath.exists():
+        from atm.market.labels import label_config_of
+
+        ds = DatasetDir(dataset_dir)
+        if not ds.klines_path.exists():
             raise AtmError(f"{dataset_dir}: klines.parquet missing; baseline:{self.kind} needs the klines")
-        df = pd.read_parquet(kpath)
-        meta = read_dataset_meta(dataset_dir)
-        lcfg = label_config(meta)
+        df = pd.read_parquet(ds.klines_path)
+        lcfg = label_config_of(ds.card().label)
         horizon = int(lcfg.get("horizon", 10) or 10)
         threshold = float(lcfg.get("threshold", 0.002) or 0.002)
         if self.kind == "momentum":

@@ -27,6 +27,7 @@ from pydantic import Field
 
 from atm.config import AtmConfig
 from atm.errors import AtmError, DataError
+from atm.artifacts import DatasetDir
 from atm.constants import ADVICES
 from atm.eval import rundir
 from atm.eval.providers import (GenerationSpec, Provider, get_provider, model_kind, parse_spec,
@@ -109,21 +110,17 @@ def _abs(p: str | Path) -> Path:
 
 
 # ---------------------------------------------------------------------------------- data
-def items_path(dataset_dir: Path, split: str) -> Path:
-    return dataset_dir / "items" / "data" / f"{split}-00000-of-00001.parquet"
-
-
 def ensure_dataset(suite: SuiteConfig, data: str | None = None) -> Path:
     """The dataset dir to evaluate: ``--data``, else the suite's, built on the spot when missing."""
     if data:
         d = _abs(data)
-        if not (d / "items").is_dir():
+        if not DatasetDir(d).has_view("items"):
             raise AtmError(f"{d}: not a built dataset (no items/ view); build one with `atm prompts build`")
         return d
     if not suite.data.dataset:
         raise AtmError(f"suite {suite.name!r} names no dataset; pass --data datasets/build/NAME")
     d = _abs(suite.data.dataset)
-    if (d / "items").is_dir() and (d / "dataset.json").exists():
+    if DatasetDir(d).has_view("items") and DatasetDir(d).has_card():
         return d
     if not suite.data.raw:
         raise AtmError(f"{d}: dataset missing and suite {suite.name!r} gives no `data.raw` to build it from")
@@ -148,14 +145,8 @@ def build_suite_dataset(suite: SuiteConfig, out: Path) -> Path:
 
 
 def load_items(dataset_dir: Path, split: str, columns: Sequence[str] | None = None):
-    import pandas as pd
-
-    p = items_path(dataset_dir, split)
-    if not p.exists():
-        avail = sorted(x.name.split("-")[0] for x in (dataset_dir / "items" / "data").glob("*.parquet"))
-        raise AtmError(f"{p}: no {split!r} split in {dataset_dir} (available: {', '.join(avail) or 'none'})")
-    df = pd.read_parquet(p, columns=list(columns) if columns else None)
-    return df
+    """One split of the dataset's ``items`` view (a DataFrame)."""
+    return DatasetDir(dataset_dir).load_view("items", split, columns)
 
 
 def select_items(df, suite: SuiteConfig, limit: int | None):
@@ -261,7 +252,7 @@ def run_eval(models: Sequence[str], suite: SuiteConfig, out: str | Path, *, data
     run's metrics (``atm.eval.scoring.evaluate_run``); the report is written by the caller
     (``atm.eval.report.write_report``; the CLI does it unless ``--no-report``). ``shard="K/N"``
     evaluates only shard K of N (``shard_rows``)."""
-    import pandas as pd
+    from atm.market.labels import label_config_of
 
     if not models:
         raise AtmError("give at least one --model (e.g. --model atm:q8 or --model baseline:majority)")
@@ -276,8 +267,9 @@ def run_eval(models: Sequence[str], suite: SuiteConfig, out: str | Path, *, data
     kn = parse_shard(shard)
     out = Path(out)
     dataset_dir = ensure_dataset(suite, data)
-    ipath = items_path(dataset_dir, split)
-    df = select_items(load_items(dataset_dir, split), suite, limit)
+    ds = DatasetDir(dataset_dir)
+    ipath = ds.require_view("items", split)
+    df = select_items(ds.load_view("items", split), suite, limit)
     all_ids = df["id"].astype(str).tolist()
     selection = {"selection_sha256": selection_hash(df, [prompt_hash(p) for p in df["prompt"]]
                                                     if "prompt" in df else [""] * len(df)),
@@ -292,12 +284,12 @@ def run_eval(models: Sequence[str], suite: SuiteConfig, out: str | Path, *, data
     data_info = {"path": str(dataset_dir), "split": split, "items_file": str(ipath),
                  "items_sha256": sha256_file(ipath), "n_items": len(ids),
                  "ids_sha256": sha256_text("\n".join(ids)),
-                 "klines_sha256": sha256_file(dataset_dir / "klines.parquet") if (dataset_dir / "klines.parquet").exists() else None,
+                 "klines_sha256": sha256_file(ds.klines_path) if ds.klines_path.exists() else None,
                  "first_open_time": str(df["open_time"].iloc[0]) if "open_time" in df else None,
                  "last_open_time": str(df["open_time"].iloc[-1]) if "open_time" in df else None,
                  **selection}
-    meta_path = dataset_dir / "dataset.json"
-    dataset_meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+    card = ds.card()
+    dataset_meta = card.to_dict()
 
     out.mkdir(parents=True, exist_ok=True)
     manifest: dict[str, Any]
@@ -310,9 +302,9 @@ def run_eval(models: Sequence[str], suite: SuiteConfig, out: str | Path, *, data
                 f"{old.get('n_items')} items; now {dataset_dir}, {split}, {len(ids)}): use another --out")
     else:
         manifest = {"format": 1, "suite": suite.to_dict(), "data": data_info, "models": {},
-                    "dataset_config": dataset_meta.get("config", {}),
-                    "label_config": _label_cfg(dataset_meta),
-                    "template_sha256": (dataset_meta.get("template") or {}).get("sha256"),
+                    "dataset_config": card.config,
+                    "label_config": label_config_of(card.label),
+                    "template_sha256": card.template.get("sha256"),
                     "provenance": provenance(suite)}
     manifest["last_command"] = provenance(None)["command"]
     truth_cols = [c for c in TRUTH_COLUMNS if c in df.columns]
@@ -381,12 +373,6 @@ def run_eval(models: Sequence[str], suite: SuiteConfig, out: str | Path, *, data
             provider.close()
 
     return evaluate_run(out)
-
-
-def _label_cfg(meta: dict[str, Any]) -> dict[str, Any]:
-    from atm.eval.baselines import label_config
-
-    return label_config(meta)
 
 
 def _train_items(dataset_dir: Path) -> list[dict]:

@@ -21,7 +21,6 @@ Modes:
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -31,6 +30,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
+from atm.artifacts import ModelCard
 from atm.constants import ADVICES
 from atm.errors import AtmError, require
 from atm.eval.providers import GenerationSpec, Prediction, Provider
@@ -479,13 +479,10 @@ class HFProvider(_Retrying):
         self.path = arg
         self.batch_size = int(options.get("batch_size") or 16)
         self._model = None
-        p = Path(self.path) / "atm_model.json"  # written by `atm finetune merge`: template + schema
-        meta = json.loads(p.read_text()) if p.exists() else {}
-        t = meta.get("template")
-        template = t.get("yaml") if isinstance(t, dict) else t if isinstance(t, str) else None
-        self._answer_format = _answer_format(options, template)
+        card = ModelCard.read(self.path)  # written by `atm finetune merge`: template + schema
+        self._answer_format = _answer_format(options, card.template if card else None)
         self._pieces = answer_pieces(self._answer_format)
-        self.schema = meta["schema"] if isinstance(meta.get("schema"), dict) else _schema(self._answer_format)
+        self.schema = card.schema if card is not None and card.schema else _schema(self._answer_format)
 
     def _load(self):
         if self._model is None:

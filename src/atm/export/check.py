@@ -1,7 +1,7 @@
 """``atm export check``: what conversion and quantization cost, measured on the verify prompts.
 
-The reference is the merged HF model (transformers, fp32, greedy decoding constrained to the prompt
-template's answer format, as the GGUF side is constrained by the schema grammar). Each GGUF tag
+The reference is the merged HF model (transformers, fp32, greedy decoding constrained to the answer
+schema, as the GGUF side is constrained by the schema grammar). Each GGUF tag
 gets the *same token ids* (the HF tokenizer's rendering of the chat template), so the numeric
 comparisons isolate the weights; tokenization and chat-template agreement are measured
 separately. Per tag:
@@ -22,13 +22,13 @@ separately. Per tag:
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from atm.artifacts import MODEL_CARD, DatasetDir, ModelCard
 from atm.errors import AtmError, DataError, require
 from atm.export.registry import Entry, Registry, check_name
 from atm.utils import progress, provenance, write_json_atomic
@@ -38,26 +38,6 @@ TAG_ORDER = {"f16": 0, "q8": 1, "q4": 2}
 
 # ---------------------------------------------------------------------------------------------
 # verify prompts
-
-def dataset_dir_of(meta: dict[str, Any]) -> Path | None:
-    """The dataset a merged model was trained on, as recorded in its atm_model.json."""
-    cands: list[Any] = [meta.get("dataset_dir"), meta.get("data")]
-    ds = meta.get("dataset")
-    if isinstance(ds, str):
-        cands.append(ds)
-    elif isinstance(ds, dict):
-        cands += [ds.get(k) for k in ("path", "dir", "out", "data_dir")]
-        cfg = ds.get("config")
-        if isinstance(cfg, dict):
-            cands += [cfg.get("out")]
-    train = meta.get("training") or meta.get("train_config") or {}
-    if isinstance(train, dict):
-        cands += [train.get("data"), (train.get("config") or {}).get("data") if isinstance(train.get("config"), dict) else None]
-    for c in cands:
-        if isinstance(c, str) and c and Path(c).is_dir():
-            return Path(c)
-    return None
-
 
 def load_verify_prompts(data: str | Path, n: int, split: str = "verify") -> list[dict[str, Any]]:
     """``n`` prompts (chat message lists) spread evenly over ``split`` of a built dataset dir
@@ -72,7 +52,7 @@ def load_verify_prompts(data: str | Path, n: int, split: str = "verify") -> list
         files = [data]
     else:
         for view, col in (("items", "prompt"), ("preference", "prompt"), ("sft", "messages")):
-            files = sorted((data / view / "data").glob(f"{split}-*.parquet"))
+            files = sorted(DatasetDir(data).view_dir(view).glob(f"{split}-*.parquet"))
             if files:
                 column = col
                 break
@@ -101,75 +81,16 @@ def load_verify_prompts(data: str | Path, n: int, split: str = "verify") -> list
 # ---------------------------------------------------------------------------------------------
 # the HF reference
 
-CHANGE_RE = r"-?(0|[1-9][0-9]{0,9})[.][0-9]{8}"
-ADVICE_RE = r"(BUY|NOOP|SELL)"
-DEFAULT_ANSWER = '{{"predicted_open_change": "{change}", "advice": "{advice}"}}'
-
-
-def answer_regex(template_yaml: str | None) -> str:
-    """The answer language of the model's prompt template as a regex (its ``answer`` format with
-    the change and advice slots opened up), for constrained greedy decoding in transformers."""
-    import re
-
-    fmt = DEFAULT_ANSWER
-    if template_yaml:
-        from atm.prompting.template import Template
-
-        fmt = Template.from_yaml(template_yaml, source="atm_model.json").spec.answer
-    c, a = "\x00C\x00", "\x00A\x00"
-    text = fmt.format(change=c, advice=a)
-    parts = re.split(f"({c}|{a})", text)
-    body = "".join(CHANGE_RE if p == c else ADVICE_RE if p == a else re.escape(p) for p in parts)
-    return r"[ ]?" + body  # one optional leading space, as the GGUF grammar allows
-
-
-def _hf_constrained(model, tok, ids: list[int], pattern, eos_id: int, max_tokens: int,
-                    max_candidates: int = 4096) -> tuple[list[int], list[float], int]:
-    """Greedy decoding restricted to ``pattern``: at each step the most likely token that keeps
-    the text a prefix of the answer language (the GGUF side does the same with a grammar)."""
-    import torch
-
-    past = None
-    inp = torch.tensor([ids])
-    toks: list[int] = []
-    lps: list[float] = []
-    top1 = -1
-    special = set(tok.all_special_ids)
-    for step in range(max_tokens):
-        out = model(input_ids=inp, past_key_values=past, use_cache=True)
-        past = out.past_key_values
-        logits = out.logits[0, -1].float()
-        logp = torch.log_softmax(logits, dim=-1)
-        if step == 0:
-            top1 = int(logits.argmax())
-        text = tok.decode(toks, skip_special_tokens=True)
-        choice = None
-        if toks and pattern.fullmatch(text):
-            choice = eos_id  # the answer is complete: stop, as the grammar does
-        else:
-            for t in torch.argsort(logits, descending=True)[:max_candidates].tolist():
-                if t in special:
-                    continue
-                if pattern.fullmatch(tok.decode(toks + [t], skip_special_tokens=True), partial=True):
-                    choice = t
-                    break
-        if choice is None:
-            break
-        toks.append(choice)
-        lps.append(float(logp[choice]))
-        if choice == eos_id:
-            break
-        inp = torch.tensor([[choice]])
-    return toks, lps, top1
-
-
 def run_hf(model_dir: Path, prompts: list[dict], max_tokens: int, batch_size: int = 8,
-           constrained: bool = True, template_yaml: str | None = None) -> list[dict]:
-    """The HF model's answers: greedy, constrained to the template's answer format (default, the
-    comparable reference for constrained GGUF decoding) or free (``constrained=False``)."""
+           constrained: bool = True, schema: dict[str, Any] | None = None) -> list[dict]:
+    """The HF model's answers: greedy, constrained to the answer schema (default: the comparable
+    reference for schema-constrained GGUF decoding; ``atm.prompting.hf_constraint``, the one
+    constrained decoder for transformers) or free (``constrained=False``). Log-probs and the top-1
+    token are the model's own (before the constraint)."""
     torch = require("torch", "train")
     transformers = require("transformers", "train")
     from atm.prompting.advice import parse_advice
+    from atm.prompting.hf_constraint import schema_processor
 
     tok = transformers.AutoTokenizer.from_pretrained(str(model_dir))
     model = transformers.AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
@@ -185,30 +106,20 @@ def run_hf(model_dir: Path, prompts: list[dict], max_tokens: int, batch_size: in
         out.append({"id": p["id"], "text": text, "ids": list(enc["input_ids"])})
     bar = progress(total=len(out), desc="HF reference", unit="prompt")
     pad = tok.pad_token_id
-    if constrained:
-        import regex
+    if constrained and schema is None:
+        from atm.prompting.advice import load_schema
 
-        pattern = regex.compile(answer_regex(template_yaml))
-        eos_id = next(iter(eos_set))
-        with torch.inference_mode():
-            for r in out:
-                toks, lps, top1 = _hf_constrained(model, tok, r["ids"], pattern, eos_id, max_tokens)
-                r.update(cont=toks, cont_logprobs=lps, top1=top1,
-                         raw=tok.decode([t for t in toks if t not in eos_set], skip_special_tokens=True))
-                pa = parse_advice(r["raw"])
-                r.update(valid=pa.valid, advice=pa.advice, change=pa.predicted_change, reason=pa.reason)
-                bar.update(1)
-        bar.close()
-        return out
+        schema = load_schema()
     with torch.inference_mode():
         for b in range(0, len(out), batch_size):
             chunk = out[b:b + batch_size]
             width = max(len(r["ids"]) for r in chunk)
             ids = torch.tensor([[pad] * (width - len(r["ids"])) + r["ids"] for r in chunk])
             mask = torch.tensor([[0] * (width - len(r["ids"])) + [1] * len(r["ids"]) for r in chunk])
+            kw = {"logits_processor": [schema_processor(tok, schema)]} if constrained else {}
             gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_tokens,
                                  do_sample=False, output_logits=True, return_dict_in_generate=True,
-                                 pad_token_id=pad)
+                                 pad_token_id=pad, **kw)
             seqs = gen.sequences[:, width:]
             logps = [torch.log_softmax(step.float(), dim=-1) for step in gen.logits]
             for j, r in enumerate(chunk):
@@ -233,23 +144,6 @@ def run_hf(model_dir: Path, prompts: list[dict], max_tokens: int, batch_size: in
 # ---------------------------------------------------------------------------------------------
 # a GGUF under llama-cpp-python
 
-def _grammar(schema: dict[str, Any]):
-    """The schema's grammar, admitting one leading space.
-
-    Sentencepiece-style vocabularies (the tiny base's) start the trained answer with the word-start
-    token ' {"...', which the stock schema grammar (it must begin with '{') forbids: the model
-    would be pushed off its own distribution at the first token. The strict parser strips
-    surrounding whitespace, so the answer is unchanged (atm.eval.llm does the same).
-    """
-    from llama_cpp import LlamaGrammar
-    from llama_cpp.llama_grammar import json_schema_to_gbnf
-
-    gbnf = json_schema_to_gbnf(json.dumps(schema))
-    lines = [("root0 ::=" + ln[len("root ::="):]) if ln.startswith("root ::=") else ln
-             for ln in gbnf.splitlines()]
-    return LlamaGrammar.from_string("\n".join([*lines, 'root ::= " "? root0']), verbose=False)
-
-
 def run_gguf(entry: Entry, ref: list[dict], schema: dict[str, Any], max_tokens: int,
              threads: int | None = None) -> list[dict]:
     llama_cpp = require("llama_cpp", "export", "llama-cpp-python")
@@ -261,7 +155,9 @@ def run_gguf(entry: Entry, ref: list[dict], schema: dict[str, Any], max_tokens: 
     llm = llama_cpp.Llama(model_path=entry.path, n_ctx=n_ctx, n_batch=min(n_ctx, 512),
                           logits_all=True, verbose=False, seed=0,
                           n_threads=threads or min(os.cpu_count() or 1, 4))
-    grammar = _grammar(schema)
+    from atm.prompting.llama_schema import answer_gbnf
+
+    grammar = llama_cpp.LlamaGrammar.from_string(answer_gbnf(schema), verbose=False)
     res: list[dict] = []
     for r in progress(ref, desc=f"{entry.ref}", unit="prompt"):
         full = r["ids"] + r["cont"]
@@ -383,25 +279,23 @@ def fidelity_check(name: str = "atm", n: int = 200, home: str | Path | None = No
     model_dir = Path(model) if model else Path(entries[0].source.get("model_dir", ""))
     if not (model_dir / "config.json").is_file():
         raise AtmError(f"the merged HF model {model_dir} is gone; pass --model DIR (the reference)")
-    meta_path = model_dir / "atm_model.json"
-    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
-    data_dir = Path(data) if data else dataset_dir_of(meta)
+    card = ModelCard.read(model_dir) or ModelCard()
+    data_dir = Path(data) if data else card.dataset_dir
     if data_dir is None:
-        raise AtmError(f"no dataset recorded in {meta_path} (or it moved); pass --data DATASET_DIR")
-    schema = entries[0].schema or meta.get("schema")
+        raise AtmError(f"no dataset recorded in {model_dir / MODEL_CARD} (or it moved); pass --data DATASET_DIR")
+    schema = entries[0].schema or card.schema
     if schema is None:
         from atm.prompting.advice import load_schema
 
         schema = load_schema()
     prompts = load_verify_prompts(data_dir, n)
     t0 = time.time()
-    ref = run_hf(model_dir, prompts, max_tokens=max_tokens, batch_size=batch_size,
-                 template_yaml=entries[0].template or meta.get("template"))
+    ref = run_hf(model_dir, prompts, max_tokens=max_tokens, batch_size=batch_size, schema=schema)
     hf_s = time.time() - t0
     report: dict[str, Any] = {
         "name": name, "model_dir": str(model_dir), "data": str(data_dir), "n": len(prompts),
         "max_tokens": max_tokens,
-        "hf": {"decoding": "greedy, constrained to the template's answer format",
+        "hf": {"decoding": "greedy, constrained to the answer schema",
                "valid_rate": sum(r["valid"] for r in ref) / len(ref),
                "advice_counts": _count(r["advice"] for r in ref if r["valid"]),
                "invalid_reasons": _count(r["reason"] for r in ref if not r["valid"]),
@@ -449,7 +343,7 @@ def format_report(report: dict[str, Any]) -> str:
     hf = report["hf"]
     head = (f"fidelity of {report['name']} vs the HF model {report['model_dir']} on {report['n']} "
             f"verify prompts ({report['data']})\n"
-            f"HF reference (greedy, constrained to the answer format): valid {hf['valid_rate']:.3f}, "
+            f"HF reference (greedy, constrained to the answer schema): valid {hf['valid_rate']:.3f}, "
             f"advice {hf['advice_counts']}; "
             f"chat template match {report['template_match_rate']}")
     return head + "\n" + format_table(rows, ["model"] + [label for _, label in COLUMNS])

@@ -29,6 +29,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from atm.artifacts import ModelCard
 from atm.errors import AtmError
 from atm.export import llamacpp
 from atm.export.chat_template import clean_chat_template, render_jinja
@@ -528,7 +529,7 @@ def tokenization_check(model_dir: str | Path, gguf_path: str | Path, texts: Sequ
     return {"n": len(texts), "match_rate": same / len(texts) if texts else None, "first_mismatch": first}
 
 
-def sample_prompt_texts(model_dir: Path, meta: dict[str, Any], n: int = 50) -> list[str]:
+def sample_prompt_texts(model_dir: Path, card: ModelCard, n: int = 50) -> list[str]:
     """Rendered prompts to check tokenization on: verify prompts of the recorded dataset, else the
     template rendered on a synthetic context, else a few fixed strings."""
     template = hf_chat_template(model_dir)
@@ -536,17 +537,17 @@ def sample_prompt_texts(model_dir: Path, meta: dict[str, Any], n: int = 50) -> l
     bos, eos = _token_text(tc.get("bos_token")) or "", _token_text(tc.get("eos_token")) or ""
     convs: list[list[dict[str, str]]] = []
     try:
-        from atm.export.check import dataset_dir_of, load_verify_prompts
+        from atm.export.check import load_verify_prompts
 
-        data_dir = dataset_dir_of(meta)
+        data_dir = card.dataset_dir
         if data_dir is not None:
             convs = [p["messages"] for p in load_verify_prompts(data_dir, n)]
     except AtmError:
         convs = []
-    if not convs and meta.get("template"):
+    if not convs and card.template:
         from atm.prompting.template import Template
 
-        tpl = Template.from_yaml(meta["template"])
+        tpl = Template.from_yaml(card.template)
         convs = [tpl.render(f'[{{"open_change": "{i - 25}.{i:08d}", "volume": "{i * 3.7:.8f}"}}]') for i in range(n)]
     if not convs:
         convs = [[{"role": "user", "content": f"Price {i * 17.25:.8f} and volume {i}; advise."}] for i in range(n)]
@@ -611,21 +612,20 @@ def quantize(src: str | Path, dst: str | Path, quant: Quant | str, threads: int 
 # ---------------------------------------------------------------------------------------------
 # the whole export
 
-def read_atm_model(model_dir: Path) -> dict[str, Any]:
+def read_atm_model(model_dir: Path) -> ModelCard:
     """``atm_model.json`` written by ``atm finetune merge`` (template, schema, encoder, configs)."""
-    p = model_dir / "atm_model.json"
-    if not p.is_file():
+    card = ModelCard.read(model_dir) if model_dir.is_dir() else None
+    if card is None:
         warnings.warn(f"{model_dir} has no atm_model.json (not made by `atm finetune merge`): the "
                       "registry entry will carry no prompt template; the advice schema defaults to "
                       "prompts/advice.schema.json", stacklevel=3)
-        return {}
-    return _read_json(p)
+        return ModelCard()
+    return card
 
 
-def _schema_of(meta: dict[str, Any]) -> dict[str, Any] | None:
-    schema = meta.get("schema")
-    if isinstance(schema, dict):
-        return schema
+def _schema_of(card: ModelCard) -> dict[str, Any] | None:
+    if card.schema:
+        return card.schema
     try:
         from atm.prompting.advice import load_schema
 
@@ -699,7 +699,7 @@ def export_gguf(model_dir: str | Path, name: str = "atm", quants: Sequence[str] 
                            "(tokenizer.chat_template missing); nothing was registered")
         created = datetime.now(timezone.utc).isoformat(timespec="seconds")
         source = {"model_dir": str(model_dir), "config": config,
-                  "atm_model": {k: v for k, v in meta.items() if k not in ("template", "schema")}}
+                  "atm_model": {k: v for k, v in meta.to_dict().items() if k not in ("template", "schema")}}
         entries: list[Entry] = []
         for q, p, qinfo in files:
             info = infos[q.name]
@@ -715,7 +715,7 @@ def export_gguf(model_dir: str | Path, name: str = "atm", quants: Sequence[str] 
             final = reg.gguf_path(name, tag)
             entries.append(Entry(
                 name=name, tag=tag, path=str(final), sha256=sha256_file(p), size=p.stat().st_size,
-                quant=q.gguf_name, template=meta.get("template"), schema=_schema_of(meta),
+                quant=q.gguf_name, template=meta.template, schema=_schema_of(meta),
                 chat_template=gguf_template, context_length=info.get("context_length")
                 or config.get("max_position_embeddings"),
                 eos_token=_token_text(tok_conf.get("eos_token")),

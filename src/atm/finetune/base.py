@@ -24,6 +24,7 @@ from typing import Any, Iterator
 
 from pydantic import Field
 
+from atm.artifacts import DatasetDir
 from atm.config import AtmConfig
 from atm.errors import AtmError, DataError, require
 
@@ -71,10 +72,10 @@ def _iter_texts(data_dir: Path, max_texts: int) -> Iterator[str]:
     """Messages of the dataset's sft (else preference) view, both splits: prompts and answers."""
     import pyarrow.parquet as pq
 
-    files = sorted((data_dir / "sft" / "data").glob("*.parquet"))
+    files = sorted(DatasetDir(data_dir).view_dir("sft").glob("*.parquet"))
     column = "messages"
     if not files:
-        files = sorted((data_dir / "preference" / "data").glob("*.parquet"))
+        files = sorted(DatasetDir(data_dir).view_dir("preference").glob("*.parquet"))
         column = "prompt"
     if not files:
         raise DataError("no sft/ or preference/ parquet files (is this a dataset built by "
@@ -178,15 +179,7 @@ def _fix_tokenizer_config(path: Path) -> None:
 
 
 def _dataset_summary(data_dir: Path) -> dict[str, Any]:
-    meta = data_dir / "dataset.json"
-    if not meta.exists():
-        return {"path": str(data_dir)}
-    try:
-        d = json.loads(meta.read_text())
-    except json.JSONDecodeError as exc:
-        raise DataError(f"not valid JSON: {exc}", str(meta)) from None
-    keep = {k: d[k] for k in ("name", "counts", "splits", "config", "provenance") if k in d}
-    return {"path": str(data_dir), **keep}
+    return DatasetDir(data_dir).summary(("name", "counts", "splits", "config", "provenance"))
 
 
 def load_base(model: str | Path, trust_remote_code: bool = False, dtype: str | None = None,

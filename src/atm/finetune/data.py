@@ -6,17 +6,17 @@ as a ``datasets.Dataset``, the dataset's card, and whether the rows fit ``max_le
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
+from atm.artifacts import DatasetDir
 from atm.errors import ConfigError, DataError, require
 from atm.finetune.config import FinetuneConfig
 
 
 def split_file(data: str | Path, view: str, split: str = "train") -> Path:
     """The parquet file of one split of one view of an ATM dataset."""
-    return Path(data) / view / "data" / f"{split}-00000-of-00001.parquet"
+    return DatasetDir(data).view_path(view, split)
 
 
 def load_split(data: str | Path, view: str, split: str = "train", columns: list[str] | None = None):
@@ -39,13 +39,7 @@ def load_split(data: str | Path, view: str, split: str = "train", columns: list[
 
 def dataset_summary(data: str | Path) -> dict[str, Any]:
     """The dataset's `dataset.json` (its full config and provenance), or just the path."""
-    meta = Path(data) / "dataset.json"
-    if not meta.exists():
-        return {"path": str(data)}
-    try:
-        return {"path": str(data), **json.loads(meta.read_text())}
-    except json.JSONDecodeError as exc:
-        raise DataError(f"not valid JSON: {exc}", str(meta)) from None
+    return DatasetDir(data).summary()
 
 
 def check_lengths(method: str, cfg: FinetuneConfig, model, tok, ds, sample: int = 2000,

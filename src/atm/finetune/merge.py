@@ -13,9 +13,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from atm.artifacts import DatasetDir, ModelCard
 from atm.errors import AtmError, require
-
-MODEL_FILE = "atm_model.json"
 
 
 def _adapter_base(adapter_dir: Path) -> str:
@@ -55,7 +54,7 @@ def _read_json(p: Path) -> dict[str, Any]:
         raise AtmError(f"{p}: not valid JSON ({exc})") from None
 
 
-def _model_card(adapter_dir: Path) -> dict[str, Any]:
+def _model_card(adapter_dir: Path) -> ModelCard:
     """Template, schema, encoder, dataset and training config, from the run and its dataset."""
     run = _read_json(adapter_dir / "atm_run.json")
     chain = [run]
@@ -65,9 +64,9 @@ def _model_card(adapter_dir: Path) -> dict[str, Any]:
     if prev:
         chain.append(prev)
     dataset = run.get("dataset") or {}
-    data_dir = Path(dataset.get("path", "")) if dataset.get("path") else None
-    if data_dir and (data_dir / "dataset.json").exists():
-        dataset = {"path": str(data_dir), **_read_json(data_dir / "dataset.json")}
+    data_dir = DatasetDir(dataset["path"]) if dataset.get("path") else None
+    if data_dir is not None and data_dir.has_card():
+        dataset = data_dir.summary()
     template = dataset.get("template")
     if isinstance(template, dict):
         template_text = template.get("yaml") or template.get("text")
@@ -82,21 +81,18 @@ def _model_card(adapter_dir: Path) -> dict[str, Any]:
         except Exception:  # noqa: BLE001 - a missing prompting stage only loses the schema copy
             schema = None
     config = dataset.get("config") if isinstance(dataset.get("config"), dict) else {}
-    return {
-        "template": template_text,
-        "schema": schema,
-        "encoder": dataset.get("encoder") or {"name": config.get("encoder"),
-                                              **(config.get("encoder_config") or {})},
-        "dataset": dataset,
-        "training": [{k: r.get(k) for k in ("method", "recipe", "overrides", "config", "global_step",
-                                           "base_model", "train_rows", "provenance")} for r in chain],
-        "base_model": base,
-    }
+    return ModelCard(
+        template=template_text, schema=schema,
+        encoder=dataset.get("encoder") or {"name": config.get("encoder"), **(config.get("encoder_config") or {})},
+        dataset=dataset,
+        training=[{k: r.get(k) for k in ("method", "recipe", "overrides", "config", "global_step",
+                                         "base_model", "train_rows", "provenance")} for r in chain],
+        base_model=base, adapter=str(adapter_dir))
 
 
 def merge(adapter_dir: str | Path, out: str | Path, dtype: str = "float32") -> Path:
     """Write base + adapter as one safetensors HF model dir plus `atm_model.json`."""
-    from atm.utils import provenance, write_json_atomic
+    from atm.utils import provenance
 
     adapter_dir, out = Path(adapter_dir), Path(out)
     merged, tok = load_merged(adapter_dir, dtype=dtype)
@@ -110,8 +106,8 @@ def merge(adapter_dir: str | Path, out: str | Path, dtype: str = "float32") -> P
     copy_tokenizer_assets(adapter_dir, tmp)
     copy_tokenizer_assets(_adapter_base(adapter_dir), tmp)
     card = _model_card(adapter_dir)
-    write_json_atomic(tmp / MODEL_FILE, {**card, "adapter": str(adapter_dir),
-                                         "provenance": provenance(None, dtype=dtype)})
+    card.provenance = provenance(None, dtype=dtype)
+    card.write(tmp)
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)

@@ -266,3 +266,9 @@ def _classes(n: int, buy: np.ndarray, sell: np.ndarray, valid: np.ndarray,
     out[buy] = "BUY"  # BUY wins when both hold (the original rule's if/elif order)
     out[~valid] = None
     return pd.Series(out, index=index, name="label", dtype=object)
+
+
+def label_config_of(recorded: dict[str, Any]) -> dict[str, Any]:
+    """A label config as recorded in an artifact (``dataset.json``'s ``label``), reduced to the
+    fields of ``LabelConfig`` (a recorded ``label_horizon`` and the like are results, not settings)."""
+    return {k: v for k, v in (recorded or {}).items() if k in LabelConfig.model_fields}

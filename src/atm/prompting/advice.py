@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from atm.constants import ADVICES
+from atm.prompting.answer import CHANGE_RE
 from atm.errors import AtmError
 
 SCHEMA_FILE = "advice.schema.json"
@@ -45,7 +46,7 @@ REASONS: tuple[str, ...] = (
     "duplicate key", "extra key", "missing key", "bad enum", "bad number", "schema",
 )
 
-_CHANGE_RE = re.compile(r"-?(0|[1-9][0-9]{0,9})[.][0-9]{8}")
+_CHANGE_RE = re.compile(CHANGE_RE)
 # Control characters that JSON never allows anywhere (tab, LF, CR are whitespace between tokens).
 _CTRL_RE = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 

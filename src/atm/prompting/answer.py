@@ -1,11 +1,12 @@
-"""The answer, shared by every side that reads one: its format, its language as a regex, and
-class probabilities with one rule.
+"""The answer, shared by every side that reads one: its format, where its values are, and class
+probabilities with one rule.
 
 - ``DEFAULT_ANSWER`` / ``answer_pieces(fmt)``: a template's ``answer`` format (str.format with
   ``{change}`` and ``{advice}``) and the text around its two values (loglik scoring decodes or
   scores exactly these slots).
-- ``answer_regex(fmt)``: the answers a format admits, for transformers decoding and checks.
-- ``change_pattern(schema)``: the predicted change's pattern in the answer schema.
+- ``change_pattern(schema)``: the predicted change's pattern in the answer schema; ``CHANGE_RE``
+  the shipped schema's, which the strict parser checks; ``ADVICE_KEY`` where an answer's advice
+  value starts (class probabilities are read there).
 - Class probabilities, the same for ``atm serve`` (``/v1/advice``) and ``atm-eval``:
   ``class_of(text)`` is the ONE rule that maps a token's text to the class it starts (a text that
   could start several classes, or none, counts for none); ``probs_from_top_logprobs`` reads
@@ -47,16 +48,6 @@ def change_pattern(schema: Mapping[str, Any]) -> str:
 
 
 CHANGE_RE = r"-?(0|[1-9][0-9]{0,9})[.][0-9]{8}"  # prompts/advice.schema.json's pattern
-
-
-def answer_regex(fmt: str = DEFAULT_ANSWER, classes: Sequence[str] = ADVICES, change: str = CHANGE_RE) -> str:
-    """The answers of ``fmt`` as a regex (the change and advice slots opened up), with one optional
-    leading space, as the llama.cpp grammar allows (a sentencepiece vocabulary starts the trained
-    answer with a word-start token)."""
-    text = fmt.format(change=_C, advice=_A)
-    advice = "(" + "|".join(re.escape(c) for c in classes) + ")"
-    parts = re.split(f"({_C}|{_A})", text)
-    return r"[ ]?" + "".join(change if p == _C else advice if p == _A else re.escape(p) for p in parts)
 
 
 # ---------------------------------------------------------------------------------------------

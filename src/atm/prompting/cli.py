@@ -63,6 +63,7 @@ def _describe() -> str:
 
 
 def _build(args: argparse.Namespace) -> int:
+    from atm.artifacts import DatasetDir
     from atm.prompting.dataset import BuildConfig, build_dataset
 
     overrides = list(args.overrides) + [f"split.{s}" for s in args.split]
@@ -72,7 +73,7 @@ def _build(args: argparse.Namespace) -> int:
                            all_worse=args.all_worse, tokenizer=args.tokenizer, out=args.out,
                            overwrite=args.overwrite)
     out = build_dataset(cfg)
-    info = json.loads((out / "dataset.json").read_text())
+    info = DatasetDir(out).card().data
     if args.json:
         print(json.dumps({k: info[k] for k in ("name", "encoder", "label", "pairs", "splits", "rows")}, indent=2))
         return 0

@@ -118,3 +118,19 @@ def schema_processor(tokenizer: Any, schema: dict[str, Any] | None) -> Any:
             return scores + mask
 
     return SchemaLogitsProcessor()
+
+
+def generate_constrained(model: Any, tokenizer: Any, messages: list[dict], schema: dict[str, Any] | None,
+                         max_new_tokens: int = 64) -> str:
+    """One greedy answer to chat ``messages`` under ``schema`` (the decoded text): a quick check
+    that a model yields schema-valid advice, with the same decoder the ``hf:`` provider and the
+    transformers engine use."""
+    torch = require("torch", "train")
+    enc = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                        return_dict=True)
+    n = enc["input_ids"].shape[1]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    with torch.no_grad():
+        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
+                             logits_processor=[schema_processor(tokenizer, schema)])
+    return tokenizer.decode(out[0, n:], skip_special_tokens=True)

@@ -8,13 +8,14 @@ trained on one prompt format and served another).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from atm.artifacts import ModelCard
 from atm.errors import AtmError
+from atm.export.registry import Entry, Registry
 from atm.serve.engines import Engine, engine_class
 from atm.serve.settings import ModelSpec, ServeSettings
 
@@ -62,41 +63,12 @@ class ServedModel:
         return self._encoder
 
 
-def _get(obj: Any, *names: str, default: Any = None) -> Any:
-    for n in names:
-        if isinstance(obj, dict) and n in obj:
-            return obj[n]
-        if hasattr(obj, n):
-            return getattr(obj, n)
-    return default
+def _meta(template: str | None, schema: Any, encoder: Any) -> dict[str, Any]:
+    return {"template_yaml": template, "schema": schema if isinstance(schema, dict) else None,
+            "encoder": dict(encoder) if isinstance(encoder, dict) else {}}
 
 
-def _meta_from_entry(entry: Any) -> dict[str, Any]:
-    """Template / schema / encoder / info from a registry entry (or an atm_model.json dict)."""
-    tpl = _get(entry, "template", "template_yaml")
-    if tpl is not None and not isinstance(tpl, str):
-        import yaml
-
-        tpl = yaml.safe_dump(tpl, sort_keys=False, allow_unicode=True)
-    schema = _get(entry, "schema")
-    if isinstance(schema, str):
-        try:
-            schema = json.loads(schema)
-        except ValueError:
-            schema = None
-    enc = _get(entry, "encoder", default={}) or {}
-    if isinstance(enc, str):
-        enc = {"name": enc}
-    src = _get(entry, "source", "source_config", default=None)
-    if not enc and isinstance(src, dict):
-        enc = src.get("encoder") or {}
-        if isinstance(enc, str):
-            enc = {"name": enc}
-    return {"template_yaml": tpl, "schema": schema if isinstance(schema, dict) else None,
-            "encoder": dict(enc) if isinstance(enc, dict) else {}}
-
-
-def _file_info(path: Path, entry: Any = None) -> dict[str, Any]:
+def _file_info(path: Path, entry: Entry | None = None) -> dict[str, Any]:
     info: dict[str, Any] = {}
     try:
         st = path.stat()
@@ -104,9 +76,8 @@ def _file_info(path: Path, entry: Any = None) -> dict[str, Any]:
         info["modified_at"] = datetime.fromtimestamp(st.st_mtime, timezone.utc).isoformat()
     except OSError:
         pass
-    digest = _get(entry, "sha256", "digest") if entry is not None else None
-    info["digest"] = f"sha256:{digest}" if digest and not str(digest).startswith("sha256:") else digest
-    quant = _get(entry, "quant", "quantization") if entry is not None else None
+    info["digest"] = f"sha256:{entry.sha256}" if entry is not None and entry.sha256 else None
+    quant = entry.quant if entry is not None else None
     if quant is None and path.suffix == ".gguf":
         quant = path.stem.upper()
     info["quant"] = quant
@@ -119,32 +90,27 @@ def resolve(spec: ModelSpec, settings: ServeSettings) -> ServedModel:
     """Build the engine for one model spec (not started)."""
     kind = spec.engine or settings.engine
     cls = engine_class(kind)
-    entry = None
-    meta: dict[str, Any] = {"template_yaml": None, "schema": None, "encoder": {}}
+    entry: Entry | None = None
+    meta = _meta(None, None, {})
     path: Path | None = Path(spec.path).expanduser() if spec.path else None
 
     if cls.serves != "url" and path is None and not spec.upstream:
-        from atm.export.registry import Registry
-
         try:
             entry = Registry().resolve(spec.name)
         except KeyError as exc:
             raise AtmError(str(exc)) from None
-        meta = _meta_from_entry(entry)
-        path = Path(str(_get(entry, "path")))
+        meta = _meta(entry.template, entry.schema, entry.encoder)
+        path = Path(entry.path)
         if cls.serves == "hf":
             # an HF engine serves the merged HF dir the GGUF was converted from
-            src = _get(entry, "source_dir", "model_dir", "hf_dir")
-            if not src:
+            if not entry.model_dir:
                 raise AtmError(f"{spec.name}: the registry entry names no HF model dir; "
                                f"give `path:` for the {kind} engine")
-            path = Path(str(src))
-    elif path is not None and path.is_dir() and (path / "atm_model.json").is_file():
-        meta = _meta_from_entry(json.loads((path / "atm_model.json").read_text()))
-    elif path is not None and path.suffix == ".gguf":
-        side = path.with_name("atm_model.json")
-        if side.is_file():
-            meta = _meta_from_entry(json.loads(side.read_text()))
+            path = Path(entry.model_dir)
+    elif path is not None and (path.is_dir() or path.suffix == ".gguf"):
+        card = ModelCard.read(path)  # a merged model's card, or the card beside a GGUF
+        if card is not None:
+            meta = _meta(card.template, card.schema, card.encoder)
     if spec.template:
         from atm.prompting.template import Template
 

@@ -126,13 +126,14 @@ def cmd_backtest(args: argparse.Namespace) -> int:
     else:
         if not args.predictions or not args.data:
             raise AtmError("give an eval run directory, or --predictions FILE with --data DATASET_DIR")
+        from atm.artifacts import DatasetDir
+
         data = Path(args.data)
-        ipath = data / "items" / "data" / f"{args.split}-00000-of-00001.parquet"
+        ds = DatasetDir(data)
+        ipath = ds.view_path("items", args.split)
         items = pd.read_parquet(ipath, columns=["id", "open_time"]) if ipath.exists() else None
-        meta_p = data / "dataset.json"
-        if meta_p.exists():
-            lab = json.loads(meta_p.read_text()).get("label") or {}
-            fields["horizon"] = int(lab.get("horizon", 10) or 10)
+        if ds.has_card():
+            fields["horizon"] = int(ds.card().label.get("horizon", 10) or 10)
         for f in args.predictions:
             preds[Path(f).stem] = f
         out = Path(args.out) if args.out else Path(".")

@@ -38,6 +38,7 @@ import numpy as np
 import pandas as pd
 from pydantic import Field
 
+from atm.artifacts import DatasetDir
 from atm.config import AtmConfig
 from atm.constants import ADVICES, MINUTE_NS
 from atm.errors import AtmError, DataError
@@ -87,14 +88,11 @@ class ClassicConfig(AtmConfig):
 
 # ------------------------------------------------------------------------------------ data
 def read_meta(dataset_dir: Path) -> dict[str, Any]:
-    p = Path(dataset_dir) / "dataset.json"
-    return json.loads(p.read_text()) if p.exists() else {}
+    return DatasetDir(dataset_dir).card().to_dict()
 
 
 def read_items(dataset_dir: Path, split: str) -> pd.DataFrame:
-    p = Path(dataset_dir) / "items" / "data" / f"{split}-00000-of-00001.parquet"
-    if not p.exists():
-        raise AtmError(f"{p}: no {split!r} items in {dataset_dir} (build the dataset with `atm prompts build`)")
+    p = DatasetDir(dataset_dir).require_view("items", split)
     cols = ["id", "row", "open_time", "symbol", "label", "ret_BUY", "ret_NOOP", "ret_SELL"]
     import pyarrow.parquet as pq
 
@@ -106,7 +104,7 @@ def read_items(dataset_dir: Path, split: str) -> pd.DataFrame:
 
 
 def read_klines(dataset_dir: Path) -> pd.DataFrame:
-    p = Path(dataset_dir) / "klines.parquet"
+    p = DatasetDir(dataset_dir).klines_path
     if not p.exists():
         raise AtmError(f"{p}: the dataset has no klines.parquet; classic models need the klines its items point into")
     from atm.market.klines import read_klines_parquet
@@ -385,11 +383,11 @@ def fit_classic(kl: pd.DataFrame, items: pd.DataFrame, cfg: ClassicConfig, meta:
 def dataset_fingerprint(dataset_dir: Path) -> dict[str, Any]:
     from atm.utils import sha256_file
 
-    d = Path(dataset_dir)
-    meta = read_meta(d)
-    train = d / "items" / "data" / "train-00000-of-00001.parquet"
-    return {"path": str(d), "name": meta.get("name"),
-            "klines_sha256": sha256_file(d / "klines.parquet") if (d / "klines.parquet").exists() else None,
+    d = DatasetDir(dataset_dir)
+    meta = d.card().data
+    train = d.view_path("items", "train")
+    return {"path": str(d.path), "name": meta.get("name"),
+            "klines_sha256": sha256_file(d.klines_path) if d.klines_path.exists() else None,
             "train_items_sha256": sha256_file(train) if train.exists() else None,
             "encoder": meta.get("encoder"), "label": meta.get("label"), "split": meta.get("split")}
 
