@@ -281,3 +281,23 @@ def test_health_and_metrics(server, oai):
     assert 'atm_generated_tokens_total{model="atm:q8"}' in text
     assert 'atm_request_latency_seconds_bucket{le="0.5",route="/v1/chat/completions"}' in text
     assert 'atm_engine_ready{model="atm:q4"} 1.0' in text
+
+
+def test_advice_checks_klines_like_the_build(server, btc_parquet):
+    """A bar `atm data build` refuses is a 400 naming its row; a window sent out of order is sorted
+    and the answer says so (the same counted repair the build reports)."""
+    rows = klines_rows(btc_parquet, 200, 30)
+    bad = [dict(r) for r in rows]
+    bad[7]["high"], bad[7]["low"] = bad[7]["low"] - 1.0, bad[7]["high"]
+    r = httpx.post(server.url + "/v1/advice", json={"model": "atm:q8", "klines": bad}, timeout=60)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == "klines" and err["message"].startswith("klines[7]: high ")
+    shuffled = rows[:10] + rows[10:20][::-1] + rows[20:]
+    r = httpx.post(server.url + "/v1/advice", json={"model": "atm:q8", "klines": shuffled}, timeout=60)
+    assert r.status_code == 200, r.text
+    d = r.json()
+    assert d["last_kline"] == rows[-1]["open_time"]
+    assert [x["kind"] for x in d["repairs"]] == ["rows_reordered"] and d["repairs"][0]["count"] == 9
+    ok = httpx.post(server.url + "/v1/advice", json={"model": "atm:q8", "klines": rows}, timeout=60).json()
+    assert ok["repairs"] == [] and ok["messages"] == d["messages"]  # the same prompt once sorted

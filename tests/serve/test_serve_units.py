@@ -194,3 +194,25 @@ def test_ollama_codec_both_directions_agree():
     assert fin["message"] == {"role": "assistant", "content": "hi"}
     chunk = ollama_codec.openai_chunk({"response": "a", "done": False}, "m", chat=False, cid="c", created=1)
     assert chunk["choices"][0] == {"index": 0, "text": "a", "finish_reason": None} and "usage" not in chunk
+
+
+def test_klines_frame_checks_bars_as_the_build_does():
+    """The API refuses what `atm data build` refuses (high < low, open outside the bar), naming the
+    request's row, and reports a sort as the build does: a counted repair."""
+    from atm.market.validate import Repairs
+
+    rows = _rows(6)
+    rows[3][2], rows[3][3] = "98", "99.5"  # high 98 < low 99.5
+    with pytest.raises(AdviceInputError, match=r"klines\[3\]: high 98.0 < low 99.5"):
+        klines_frame(rows)
+    rows = _rows(6)
+    rows[2][1] = "150"  # open above high
+    with pytest.raises(AdviceInputError, match=r"klines\[2\]: open 150.0 outside \[low 99.0, high 101.0\]"):
+        klines_frame(rows)
+    rows = _rows(6)
+    rows[1], rows[4] = rows[4], rows[1]
+    repairs = Repairs()
+    df = klines_frame(rows, repairs)
+    assert df["open_time"].is_monotonic_increasing and len(df) == 6
+    (item,) = repairs.as_list()
+    assert item["kind"] == "rows_reordered" and item["count"] == 2 and item["where"] == ["klines[2]", "klines[4]"]

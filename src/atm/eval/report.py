@@ -260,10 +260,19 @@ def run_backtest(run_dir: Path, metrics: dict[str, Any]) -> tuple[dict[str, Any]
 
 # ---------------------------------------------------------------------------------- report
 def build_doc(metrics: dict[str, Any], run_dir: Path, bt: dict[str, Any] | None, bt_note: str | None) -> Doc:
+    """The report of one run, section by section."""
     d = Doc()
+    for section in (_header, _verdicts, _missing, _results, _comparisons, _per_class, _figures, _backtest, _models):
+        section(d, metrics, run_dir, bt, bt_note)
+    return d
+
+
+def _header(d: Doc, metrics: dict[str, Any], run_dir: Path, bt: dict[str, Any] | None,
+            bt_note: str | None) -> None:
+    """Title, data, class balance."""
+    models = metrics["models"]
     data = metrics["data"]
     suite = metrics["suite"]
-    models = metrics["models"]
     d.h(1, f"ATM evaluation: {suite.get('name', '?')} ({data.get('split')} split)")
     lc = metrics.get("label_config") or {}
     lc_s = ", ".join(f"{k}={v}" for k, v in lc.items()) or "unknown"
@@ -281,13 +290,24 @@ def build_doc(metrics: dict[str, Any], run_dir: Path, bt: dict[str, Any] | None,
             d.p(f"**Warning: {', '.join(rare)} occur{'s' if len(rare) == 1 else ''} fewer than 10 times here; "
                 "balanced accuracy and per-class figures rest on very few minutes (a class absent from the items "
                 "is left out of balanced accuracy). Evaluate more minutes before concluding anything.**")
+
+
+def _verdicts(d: Doc, metrics: dict[str, Any], run_dir: Path, bt: dict[str, Any] | None,
+              bt_note: str | None) -> None:
+    """The verdicts and how to read them."""
     d.h(2, "Verdict")
     verdicts = metrics.get("verdicts") or []
     d.ul([f"**{v}**" for v in verdicts] or ["no model with references to compare against"])
     d.h(2, "How to read this report")
     d.ul([s.format(level=int(100 * metrics["level"]), n_boot=metrics["n_boot"], block=metrics["block"],
                    horizon=metrics["horizon"]) for s in HOW_TO_READ])
-    missing = []
+
+
+def _missing(d: Doc, metrics: dict[str, Any], run_dir: Path, bt: dict[str, Any] | None,
+             bt_note: str | None) -> None:
+    """What the run lacks or has only in part."""
+    models = metrics["models"]
+    missing: list[str] = []
     if not any(r["kind"] == "classic" for r in models.values()):
         try:
             import atm.eval.classic  # noqa: F401
@@ -305,6 +325,11 @@ def build_doc(metrics: dict[str, Any], run_dir: Path, bt: dict[str, Any] | None,
         d.h(2, "Missing or partial")
         d.ul(missing)
 
+
+def _results(d: Doc, metrics: dict[str, Any], run_dir: Path, bt: dict[str, Any] | None,
+             bt_note: str | None) -> None:
+    """The results table."""
+    models = metrics["models"]
     d.h(2, "Results")
     head = ["model", "mode", "n", "valid", "balanced acc [95% CI]", "accuracy [CI]", "macro-F1 [CI]",
             "score bps [CI]", "Brier", "ECE", "s/item"]
@@ -331,6 +356,11 @@ def build_doc(metrics: dict[str, Any], run_dir: Path, bt: dict[str, Any] | None,
         d.ul(notes)
     _scale_out(d, metrics)
 
+
+def _comparisons(d: Doc, metrics: dict[str, Any], run_dir: Path, bt: dict[str, Any] | None,
+                 bt_note: str | None) -> None:
+    """Paired comparisons with the references."""
+    models = metrics["models"]
     d.h(2, "Paired comparisons")
     for spec, r in models.items():
         comps = r.get("comparisons") or {}
@@ -345,6 +375,11 @@ def build_doc(metrics: dict[str, Any], run_dir: Path, bt: dict[str, Any] | None,
         d.table(["reference", "model", "reference", "difference [CI]", "P(not better)", "McNemar a-only/b-only",
                  "McNemar p"], crow)
 
+
+def _per_class(d: Doc, metrics: dict[str, Any], run_dir: Path, bt: dict[str, Any] | None,
+               bt_note: str | None) -> None:
+    """Per-class figures and confusion matrices."""
+    models = metrics["models"]
     d.h(2, "Per class")
     for spec, r in models.items():
         if not r.get("per_class"):
@@ -367,6 +402,12 @@ def build_doc(metrics: dict[str, Any], run_dir: Path, bt: dict[str, Any] | None,
             d.p(f"Predicted change: {ch['note']}.")
         else:
             d.p("Predicted change: none given by this model (class-only answers or loglik mode); MAE not computed.")
+
+
+def _figures(d: Doc, metrics: dict[str, Any], run_dir: Path, bt: dict[str, Any] | None,
+             bt_note: str | None) -> None:
+    """Confusion and calibration figures."""
+    models = metrics["models"]
     try:
         d.h(2, "Confusion matrices")
         d.img(fig_confusions(models), "confusion matrices (rows: true class, normalized per row)", "confusion.png")
@@ -378,6 +419,11 @@ def build_doc(metrics: dict[str, Any], run_dir: Path, bt: dict[str, Any] | None,
             d.p("No model in this run gives class probabilities (run with `--mode loglik`).")
     except Exception as exc:  # noqa: BLE001 - missing matplotlib must not lose the report
         d.p(f"Figures not drawn: {exc}")
+
+
+def _backtest(d: Doc, metrics: dict[str, Any], run_dir: Path, bt: dict[str, Any] | None,
+              bt_note: str | None) -> None:
+    """The backtest table and equity curves."""
     d.h(2, "Backtest")
     if bt:
         from atm.eval.backtest import summary
@@ -393,9 +439,14 @@ def build_doc(metrics: dict[str, Any], run_dir: Path, bt: dict[str, Any] | None,
             d.p(f"Equity figure not drawn: {exc}")
     else:
         d.p(f"Not shown: {bt_note}.")
+
+
+def _models(d: Doc, metrics: dict[str, Any], run_dir: Path, bt: dict[str, Any] | None,
+            bt_note: str | None) -> None:
+    """What each model was (the manifest's describe)."""
     d.h(2, "Models")
     d.pre(json.dumps({s: r.get("describe", {}) for s, r in _describes(run_dir).items()}, indent=1, default=str)[:20000])
-    return d
+
 
 
 def _scale_out(d: Doc, metrics: dict[str, Any]) -> None:

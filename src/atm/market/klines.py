@@ -35,6 +35,8 @@ from typing import Any
 import numpy as np
 
 from atm.errors import DataError
+from atm.market.validate import (MAX_LISTED, PRICE_COLUMNS, VOLUME_COLUMNS, Repairs, duplicates, first_bad_bar,
+                                 num, out_of_order)
 
 # Binance's 12 kline columns, in file order.
 RAW_COLUMNS = (
@@ -44,8 +46,6 @@ RAW_COLUMNS = (
 INT_COLUMNS = ("open_time", "close_time", "count")
 FLOAT_COLUMNS = ("open", "high", "low", "close", "volume", "quote_volume", "taker_buy_volume",
                  "taker_buy_quote_volume")
-PRICE_COLUMNS = ("open", "high", "low", "close")
-VOLUME_COLUMNS = ("volume", "quote_volume", "taker_buy_volume", "taker_buy_quote_volume")
 # The output frame (docs/architecture.md), in order; ``filled`` is appended with fill_gaps.
 COLUMNS = ("open_time", "open", "high", "low", "close", "volume", "close_time", "quote_volume",
            "count", "taker_buy_volume", "taker_buy_quote_volume")
@@ -60,7 +60,6 @@ INTERVALS = ("1s", "1m", "3m", "5m", "15m", "30m", "1h", "2h", "4h", "6h", "8h",
 # Epoch timestamps: ms values of 1973..5138 lie in [1e11, 1e14), µs values of the same years in
 # [1e14, 1e17). Binance spot files switched from ms to µs on 2025-01-01; futures stay in ms.
 _MS_LO, _US_LO, _US_HI = 10**11, 10**14, 10**17
-MAX_LISTED = 100  # how many places (file:line, gap) a repair or gap list names before just counting
 
 
 def interval_ns(interval: str) -> int:
@@ -340,18 +339,9 @@ def _check_rows(p: _Parsed, where: str, step: int) -> tuple[np.ndarray, np.ndarr
             k = int(np.argmax(mask))
             raise DataError(message(k), where, int(lines[k]))
 
-    for name in PRICE_COLUMNS:
-        fail(c[name] <= 0, lambda k, n=name: f"column {n}: price {_num(c[n][k])} is not positive")
-    for name in VOLUME_COLUMNS:
-        fail(c[name] < 0, lambda k, n=name: f"column {n}: negative volume {_num(c[n][k])}")
-    fail(c["count"] < 0, lambda k: f"column count: negative trade count {c['count'][k]}")
-    hi, lo = c["high"], c["low"]
-    fail(hi < lo, lambda k: f"high {_num(hi[k])} < low {_num(lo[k])}")
-    for name in ("open", "close"):
-        v = c[name]
-        fail((v > hi) | (v < lo), lambda k, n=name, v=v: f"{n} {_num(v[k])} outside [low {_num(lo[k])}, high {_num(hi[k])}]")
-    fail(c["taker_buy_volume"] > c["volume"] * (1 + 1e-9) + 1e-12,
-         lambda k: f"taker_buy_volume {_num(c['taker_buy_volume'][k])} > volume {_num(c['volume'][k])}")
+    bad = first_bad_bar(c)  # the value rules, shared with the API (atm.market.validate)
+    if bad is not None:
+        raise DataError(bad[1], where, int(lines[bad[0]]))
 
     open_ns, is_us = _to_ns(c["open_time"], "open_time", lines, where)
     close_ns, _ = _to_ns(c["close_time"], "close_time", lines, where)
@@ -362,11 +352,6 @@ def _check_rows(p: _Parsed, where: str, step: int) -> tuple[np.ndarray, np.ndarr
     return open_ns, close_ns, is_us
 
 
-def _num(x) -> str:
-    """A numpy scalar as plain text for messages (12.5, not np.float64(12.5))."""
-    return repr(int(x)) if isinstance(x, (int, np.integer)) else repr(float(x))
-
-
 def _iso(ns: int) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(ns // 1_000_000_000)) + " UTC"
 
@@ -375,35 +360,17 @@ def _iso(ns: int) -> str:
 # Building
 # --------------------------------------------------------------------------------------------
 
-class _Repairs:
-    """Every repair, counted by kind, with the first MAX_LISTED places it happened."""
-
-    def __init__(self) -> None:
-        self.items: dict[str, dict[str, Any]] = {}
-
-    def add(self, kind: str, what: str, count: int = 1, where: list[str] | None = None) -> None:
-        item = self.items.setdefault(kind, {"kind": kind, "what": what, "count": 0, "where": []})
-        item["count"] += count
-        room = MAX_LISTED - len(item["where"])
-        if where and room > 0:
-            item["where"].extend(where[:room])
-
-    def counts(self) -> dict[str, int]:
-        return {k: v["count"] for k, v in self.items.items()}
-
-    def as_list(self) -> list[dict[str, Any]]:
-        return list(self.items.values())
-
-
 def build_klines(raw: str | Path, symbol: str, interval: str = "1m", out: str | Path | None = None,
                  market: str = "spot", fill_gaps: bool = False, progress: bool = True) -> dict[str, Any]:
     """Read Binance klines for one symbol under ``raw`` and write a checked parquet to ``out``.
 
     Returns the report (also written to ``<out>.meta.json``): input files with sha256 and rows,
     repairs, gaps, first/last minute, provenance. Raises DataError (file:line) on bad input.
+    Stages: find the files, read and verify them (``_read_files``), parse and check each
+    (``_check_files``), merge them into one sorted series of unique minutes (``_merge``), find the
+    gaps (``_gaps``, filled with ``fill_gaps``), write the parquet and the report.
     """
-    from atm.utils import progress as progress_bar
-    from atm.utils import provenance
+    from atm.utils import provenance, write_json_atomic
 
     t0 = time.perf_counter()
     symbol = symbol.upper()
@@ -412,115 +379,14 @@ def build_klines(raw: str | Path, symbol: str, interval: str = "1m", out: str | 
         out = Path("runs") / "data" / f"{symbol.lower()}-{interval}.parquet"
     out = Path(out)
     files, ignored = find_kline_files(raw, symbol, interval, market)
-    repairs = _Repairs()
+    repairs = Repairs()
     if ignored:
         repairs.add("ignored_files", "files in the klines folder whose names are not "
                     f"{symbol}-{interval}-DATE.zip|csv (not read)", len(ignored), [str(p) for p in ignored])
-
-    file_reports: list[dict[str, Any]] = []
-    parts: list[tuple[np.ndarray, np.ndarray, _Parsed]] = []  # (open_ns, close_ns, parsed)
-
-    def load(path: Path) -> tuple[bytes, str | None, str, str]:
-        blob, data, member = _read_source(path)
-        digest = hashlib.sha256(blob).hexdigest()
-        checksum = _verify_checksum(path, digest)
-        if not data.strip():
-            raise DataError("empty file: no kline rows", str(path))
-        return data, member, digest, checksum
-
-    # read, unzip, hash and verify in two threads (zlib and hashlib release the GIL); map()
-    # keeps file order, so the first bad file in order is the one reported
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        loaded = list(progress_bar(pool.map(load, files), total=len(files), desc=f"reading {symbol} {interval}",
-                                   unit="file") if progress else pool.map(load, files))
-    sizes = [p.stat().st_size for p in files]
-    many = _parse_many([d for d, *_ in loaded])
-    for i, path in enumerate(files):
-        where = str(path)
-        data, member, digest, checksum = loaded[i]
-        parsed = many[i] if many is not None else _parse_fast(data)
-        fast = parsed is not None
-        if parsed is None:
-            parsed = _parse_scan(data, where)
-        open_ns, close_ns, is_us = _check_rows(parsed, where, step)
-        n = len(parsed.lines)
-        n_us = int(is_us.sum())
-        if parsed.header and market == "spot":
-            repairs.add("header_skipped", "a header line in a spot file (Binance spot files have none) "
-                        "was recognised and skipped", 1, [f"{where}:1"])
-        if parsed.blank_lines:
-            repairs.add("blank_lines_skipped", "blank lines skipped", len(parsed.blank_lines),
-                        [f"{where}:{i}" for i in parsed.blank_lines])
-        if 0 < n_us < n:
-            k = int(np.argmax(is_us != is_us[0]))
-            repairs.add("mixed_units", "a file mixing millisecond and microsecond timestamps; each row "
-                        "was converted by its own unit", 1,
-                        [f"{where}:{int(parsed.lines[k])} (first row in {'µs' if is_us[k] else 'ms'})"])
-        back = np.flatnonzero(open_ns[1:] < open_ns[:-1])
-        if back.size:
-            repairs.add("rows_reordered", "rows out of time order inside a file (sorted)", int(back.size),
-                        [f"{where}:{int(parsed.lines[k + 1])}" for k in back[:MAX_LISTED]])
-        file_reports.append({
-            "path": where, "member": member, "sha256": digest, "bytes": sizes[i], "rows": n,
-            "header": parsed.header, "units": {"ms": n - n_us, "us": n_us}, "checksum": checksum,
-            "first_open_time": _iso(int(open_ns.min())), "last_open_time": _iso(int(open_ns.max())),
-            "parser": "c" if fast else "line-scan",
-        })
-        parts.append((open_ns, close_ns, parsed))
-
-    # ---- merge all files, sort, resolve duplicate minutes ----
-    open_ns = np.concatenate([p[0] for p in parts])
-    close_ns = np.concatenate([p[1] for p in parts])
-    cols = {c: np.concatenate([p[2].cols[c] for p in parts]) for c in FLOAT_COLUMNS + ("count",)}
-    file_idx = np.concatenate([np.full(len(p[0]), i, dtype=np.int32) for i, p in enumerate(parts)])
-    lines = np.concatenate([p[2].lines for p in parts])
-    rows_read = len(open_ns)
-    order = np.argsort(open_ns, kind="stable")
-    open_ns, close_ns, file_idx, lines = open_ns[order], close_ns[order], file_idx[order], lines[order]
-    cols = {c: v[order] for c, v in cols.items()}
-
-    dup = np.flatnonzero(open_ns[1:] == open_ns[:-1]) + 1  # each later copy of a minute
-    if dup.size:
-        # a copy must equal the row it follows (which, by induction, equals the first copy)
-        same = close_ns[dup] // 1_000_000 == close_ns[dup - 1] // 1_000_000
-        diff_col = np.full(dup.size, "", dtype=object)
-        diff_col[~same] = "close_time"
-        for c in FLOAT_COLUMNS + ("count",):
-            ne = cols[c][dup] != cols[c][dup - 1]
-            diff_col[ne & (diff_col == "")] = c
-            same &= ~ne
-        if not same.all():
-            k = int(np.flatnonzero(~same)[0])
-            a, b = dup[k] - 1, dup[k]
-            c = diff_col[k]
-            va = _num(cols[c][a] if c != "close_time" else close_ns[a])
-            vb = _num(cols[c][b] if c != "close_time" else close_ns[b])
-            raise DataError(
-                f"conflicting duplicate minute {_iso(int(open_ns[b]))}: {files[file_idx[a]]}:{lines[a]} and "
-                f"{files[file_idx[b]]}:{lines[b]} differ in {c} ({va} vs {vb}); remove the wrong copy",
-                str(files[file_idx[b]]), int(lines[b]))
-        repairs.add("exact_duplicates_dropped", "exact duplicate minutes dropped (the first copy is kept)",
-                    int(dup.size), [f"{files[file_idx[i]]}:{lines[i]} (= {files[file_idx[i - 1]]}:{lines[i - 1]})"
-                                    for i in dup[:MAX_LISTED]])
-        keep = np.ones(len(open_ns), dtype=bool)
-        keep[dup] = False
-        open_ns, close_ns = open_ns[keep], close_ns[keep]
-        cols = {c: v[keep] for c, v in cols.items()}
-
-    # ---- gaps ----
-    deltas = np.diff(open_ns)
-    gap_at = np.flatnonzero(deltas > step)
-    missing = deltas[gap_at] // step - 1
-    gaps: dict[str, Any] = {"count": int(gap_at.size), "missing": int(missing.sum()) if gap_at.size else 0,
-                            "longest": None, "where": [], "filled": bool(fill_gaps and gap_at.size)}
-    if gap_at.size:
-        def gap_item(i: int, m: int) -> dict[str, Any]:
-            return {"after": _iso(int(open_ns[i])), "before": _iso(int(open_ns[i + 1])), "missing": int(m)}
-        j = int(np.argmax(missing))
-        gaps["longest"] = gap_item(int(gap_at[j]), int(missing[j]))
-        gaps["where"] = [gap_item(int(i), int(m)) for i, m in zip(gap_at[:MAX_LISTED], missing[:MAX_LISTED])]
+    loaded = _read_files(files, f"reading {symbol} {interval}", progress)
+    file_reports, parts = _check_files(files, loaded, step, market, repairs)
+    open_ns, close_ns, cols, rows_read = _merge(files, parts, repairs)
+    gaps = _gaps(open_ns, step, fill_gaps)
 
     frame = {"open_time": open_ns, **{c: cols[c] for c in PRICE_COLUMNS}, "volume": cols["volume"],
              "close_time": close_ns, "quote_volume": cols["quote_volume"], "count": cols["count"],
@@ -558,10 +424,124 @@ def build_klines(raw: str | Path, symbol: str, interval: str = "1m", out: str | 
     report["seconds"] = round(time.perf_counter() - t0, 3)
     report["provenance"] = provenance({"raw": str(raw), "symbol": symbol, "interval": interval,
                                        "market": market, "out": str(out), "fill_gaps": fill_gaps})
-    from atm.utils import write_json_atomic
-
     write_json_atomic(meta_path(out), report)
     return report
+
+
+def _read_files(files: list[Path], desc: str, progress: bool) -> list[tuple[bytes, str | None, str, str]]:
+    """(data, zip member, sha256, checksum state) of each file, in order: read, unzipped, hashed and
+    verified in two threads (zlib and hashlib release the GIL); map() keeps file order, so the
+    first bad file in order is the one reported."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from atm.utils import progress as progress_bar
+
+    def load(path: Path) -> tuple[bytes, str | None, str, str]:
+        blob, data, member = _read_source(path)
+        digest = hashlib.sha256(blob).hexdigest()
+        checksum = _verify_checksum(path, digest)
+        if not data.strip():
+            raise DataError("empty file: no kline rows", str(path))
+        return data, member, digest, checksum
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        return list(progress_bar(pool.map(load, files), total=len(files), desc=desc, unit="file")
+                    if progress else pool.map(load, files))
+
+
+def _check_files(files: list[Path], loaded: list[tuple[bytes, str | None, str, str]], step: int, market: str,
+                 repairs: Repairs) -> tuple[list[dict[str, Any]], list[tuple[np.ndarray, np.ndarray, _Parsed]]]:
+    """Parse and check every file (the C parser for all at once, a line scan where it fails);
+    returns the per-file reports and (open_ns, close_ns, parsed rows) per file."""
+    file_reports: list[dict[str, Any]] = []
+    parts: list[tuple[np.ndarray, np.ndarray, _Parsed]] = []
+    sizes = [p.stat().st_size for p in files]
+    many = _parse_many([d for d, *_ in loaded])
+    for i, path in enumerate(files):
+        where = str(path)
+        data, member, digest, checksum = loaded[i]
+        parsed = many[i] if many is not None else _parse_fast(data)
+        fast = parsed is not None
+        if parsed is None:
+            parsed = _parse_scan(data, where)
+        open_ns, close_ns, is_us = _check_rows(parsed, where, step)
+        n = len(parsed.lines)
+        n_us = int(is_us.sum())
+        if parsed.header and market == "spot":
+            repairs.add("header_skipped", "a header line in a spot file (Binance spot files have none) "
+                        "was recognised and skipped", 1, [f"{where}:1"])
+        if parsed.blank_lines:
+            repairs.add("blank_lines_skipped", "blank lines skipped", len(parsed.blank_lines),
+                        [f"{where}:{i}" for i in parsed.blank_lines])
+        if 0 < n_us < n:
+            k = int(np.argmax(is_us != is_us[0]))
+            repairs.add("mixed_units", "a file mixing millisecond and microsecond timestamps; each row "
+                        "was converted by its own unit", 1,
+                        [f"{where}:{int(parsed.lines[k])} (first row in {'µs' if is_us[k] else 'ms'})"])
+        back = out_of_order(open_ns)
+        if back.size:
+            repairs.add("rows_reordered", "rows out of time order inside a file (sorted)", int(back.size),
+                        [f"{where}:{int(parsed.lines[k])}" for k in back[:MAX_LISTED]])
+        file_reports.append({
+            "path": where, "member": member, "sha256": digest, "bytes": sizes[i], "rows": n,
+            "header": parsed.header, "units": {"ms": n - n_us, "us": n_us}, "checksum": checksum,
+            "first_open_time": _iso(int(open_ns.min())), "last_open_time": _iso(int(open_ns.max())),
+            "parser": "c" if fast else "line-scan",
+        })
+        parts.append((open_ns, close_ns, parsed))
+    return file_reports, parts
+
+
+def _merge(files: list[Path], parts: list[tuple[np.ndarray, np.ndarray, _Parsed]], repairs: Repairs
+           ) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray], int]:
+    """All files as one series sorted by minute, exact duplicate minutes dropped (a repair) and
+    conflicting ones refused (naming both file:lines). Returns open_ns, close_ns, columns, rows read."""
+    open_ns = np.concatenate([p[0] for p in parts])
+    close_ns = np.concatenate([p[1] for p in parts])
+    cols = {c: np.concatenate([p[2].cols[c] for p in parts]) for c in FLOAT_COLUMNS + ("count",)}
+    file_idx = np.concatenate([np.full(len(p[0]), i, dtype=np.int32) for i, p in enumerate(parts)])
+    lines = np.concatenate([p[2].lines for p in parts])
+    rows_read = len(open_ns)
+    order = np.argsort(open_ns, kind="stable")
+    open_ns, close_ns, file_idx, lines = open_ns[order], close_ns[order], file_idx[order], lines[order]
+    cols = {c: v[order] for c, v in cols.items()}
+
+    # each later copy of a minute must equal the row it follows (by induction, the first copy)
+    dup, conflict = duplicates(open_ns, cols, close_ns // 1_000_000)
+    if dup.size:
+        if conflict is not None:
+            b, c = conflict
+            a = b - 1
+            va = num(cols[c][a] if c != "close_time" else close_ns[a])
+            vb = num(cols[c][b] if c != "close_time" else close_ns[b])
+            raise DataError(
+                f"conflicting duplicate minute {_iso(int(open_ns[b]))}: {files[file_idx[a]]}:{lines[a]} and "
+                f"{files[file_idx[b]]}:{lines[b]} differ in {c} ({va} vs {vb}); remove the wrong copy",
+                str(files[file_idx[b]]), int(lines[b]))
+        repairs.add("exact_duplicates_dropped", "exact duplicate minutes dropped (the first copy is kept)",
+                    int(dup.size), [f"{files[file_idx[i]]}:{lines[i]} (= {files[file_idx[i - 1]]}:{lines[i - 1]})"
+                                    for i in dup[:MAX_LISTED]])
+        keep = np.ones(len(open_ns), dtype=bool)
+        keep[dup] = False
+        open_ns, close_ns = open_ns[keep], close_ns[keep]
+        cols = {c: v[keep] for c, v in cols.items()}
+    return open_ns, close_ns, cols, rows_read
+
+
+def _gaps(open_ns: np.ndarray, step: int, fill_gaps: bool) -> dict[str, Any]:
+    """Missing bars between consecutive minutes: count, total, the longest, the first MAX_LISTED."""
+    deltas = np.diff(open_ns)
+    gap_at = np.flatnonzero(deltas > step)
+    missing = deltas[gap_at] // step - 1
+    gaps: dict[str, Any] = {"count": int(gap_at.size), "missing": int(missing.sum()) if gap_at.size else 0,
+                            "longest": None, "where": [], "filled": bool(fill_gaps and gap_at.size)}
+    if gap_at.size:
+        def gap_item(i: int, m: int) -> dict[str, Any]:
+            return {"after": _iso(int(open_ns[i])), "before": _iso(int(open_ns[i + 1])), "missing": int(m)}
+        j = int(np.argmax(missing))
+        gaps["longest"] = gap_item(int(gap_at[j]), int(missing[j]))
+        gaps["where"] = [gap_item(int(i), int(m)) for i, m in zip(gap_at[:MAX_LISTED], missing[:MAX_LISTED])]
+    return gaps
 
 
 def _fill(frame: dict[str, np.ndarray], step: int) -> dict[str, np.ndarray]:

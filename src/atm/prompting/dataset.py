@@ -33,19 +33,19 @@ import json
 import logging
 import os
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 from pydantic import Field, field_validator
 
+from atm.artifacts import DATASET_CARD, VIEWS, DatasetDir
 from atm.config import AtmConfig
 from atm.constants import ADVICES
 from atm.errors import AtmError, ConfigError, DataError
 
 log = logging.getLogger(__name__)
-
-VIEWS = ("preference", "sft", "rl", "items")
 
 
 class BuildConfig(AtmConfig):
@@ -165,7 +165,7 @@ def _schemas():
 
 
 def view_file(root: Path, view: str, split: str) -> Path:
-    return Path(root) / view / "data" / f"{split}-00000-of-00001.parquet"
+    return DatasetDir(root).view_path(view, split)
 
 
 # ----------------------------------------------------------------------------------- pieces
@@ -253,33 +253,54 @@ def _iso(t) -> str | None:
 
 
 # ----------------------------------------------------------------------------------- build
-def build_dataset(cfg: BuildConfig) -> Path:
-    """Build the dataset described by ``cfg``; returns the output folder (written atomically)."""
-    import pandas as pd
-    import pyarrow as pa
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
+# build_dataset runs these stages in order: settings (_settings), per-minute arrays (_minutes),
+# usable minutes and why the others are dropped (_usable), splits with their embargo (_splits),
+# what each minute is taught and the k-shot examples (_teaching), pairs (choose_pairs), then the
+# views written chunk by chunk (_write_views), the card (_card) and the atomic swap (_publish).
 
-    from atm.market.klines import read_klines_parquet
-    from atm.market.labels import LabelConfig, compute_labels, label_horizon, realized_returns
-    from atm.market.splits import SplitConfig, chronological_split
+
+@dataclass
+class _Settings:
+    template: Any  # atm.prompting.template.Template (k-shot examples filled in by _teaching)
+    encoder: Any
+    label_cfg: Any  # atm.market.labels.LabelConfig
+    split_cfg: Any  # atm.market.splits.SplitConfig
+    n_shots: int
+    fewshot_seed: int
+
+
+@dataclass
+class _Minutes:
+    """One value per kline row."""
+
+    labels: np.ndarray  # "BUY" | "NOOP" | "SELL" | None
+    ret: np.ndarray  # (n, 3) realized return of acting on each advice
+    features: Any  # the encoder's features (None when it needs none)
+    change: np.ndarray  # the answer's predicted change (NaN past the data)
+
+
+@dataclass
+class _Selection:
+    """Which minutes become items, in which split, taught what."""
+
+    split_names: list[str]
+    split_of: np.ndarray  # split index per kline row (-1: outside every split)
+    parts: dict[str, np.ndarray]
+    rows: np.ndarray  # kline rows that become items, in time order
+    teach_idx: np.ndarray  # index of the advice taught per kline row
+    label_idx: np.ndarray  # index of the label per kline row (-1: none)
+    examples_rows: np.ndarray  # rows used as k-shot examples
+    drops: dict[str, int] = field(default_factory=dict)
+
+
+def _settings(cfg: BuildConfig) -> _Settings:
+    from atm.market.labels import LabelConfig, label_horizon
+    from atm.market.splits import SplitConfig
     from atm.prompting.encoders import get_encoder
-    from atm.prompting.template import Example, Template, choose_examples
-    from atm.utils import progress, provenance, sha256_file, write_json_atomic, write_text_atomic
-
-    out = Path(cfg.out)
-    name = cfg.name or out.name
-    if out.exists() and not cfg.overwrite:
-        raise AtmError(f"{out}: already exists (pass --overwrite / overwrite=true to replace it)")
-    src = Path(cfg.klines)
-    df = read_klines_parquet(src)
-    n_all = len(df)
-    symbol, src_meta = _symbol(cfg, src)
+    from atm.prompting.template import Template
 
     template = Template.load(cfg.template)
     fs = template.spec.fewshot
-    n_shots = fs.k if cfg.fewshot_k is None else cfg.fewshot_k
-    fs_seed = fs.seed if cfg.fewshot_seed is None else cfg.fewshot_seed
     enc_name = cfg.encoder or template.spec.encoder or "seed-json"
     enc_cfg = {**template.spec.encoder_config, **cfg.encoder_config} if template.spec.encoder in (None, enc_name) \
         else dict(cfg.encoder_config)
@@ -291,16 +312,29 @@ def build_dataset(cfg: BuildConfig) -> Path:
         raise ConfigError(f"split.embargo={split_cfg.embargo} minutes is shorter than the label/return horizon "
                           f"({max(label_horizon(label_cfg), cfg.horizon)}) plus the {enc_name} lookback "
                           f"({encoder.lookback}) = {need}: train answers would overlap verify contexts")
+    return _Settings(template=template, encoder=encoder, label_cfg=label_cfg, split_cfg=split_cfg,
+                     n_shots=fs.k if cfg.fewshot_k is None else cfg.fewshot_k,
+                     fewshot_seed=fs.seed if cfg.fewshot_seed is None else cfg.fewshot_seed)
 
-    # --- per-minute arrays (cheap, whole frame)
-    labels = compute_labels(df, label_cfg).to_numpy(dtype=object)
+
+def _minutes(cfg: BuildConfig, df, st: _Settings) -> _Minutes:
+    from atm.market.labels import compute_labels, realized_returns
+
     ret_df = realized_returns(df, cfg.horizon, fee=cfg.fee, slippage_bps=cfg.slippage_bps)
-    ret_all = ret_df[list(ADVICES)].to_numpy(dtype=np.float64)
-    features = encoder.compute_features(df) if encoder.needs_features else None
-    change_all = encoder.target_changes(df, np.arange(n_all))
+    return _Minutes(labels=compute_labels(df, st.label_cfg).to_numpy(dtype=object),
+                    ret=ret_df[list(ADVICES)].to_numpy(dtype=np.float64),
+                    features=st.encoder.compute_features(df) if st.encoder.needs_features else None,
+                    change=st.encoder.target_changes(df, np.arange(len(df))))
 
+
+def _usable(cfg: BuildConfig, df, st: _Settings, mins: _Minutes) -> tuple[np.ndarray, dict[str, int]]:
+    """The minutes that can be items, and how many each reason dropped (first reason wins)."""
+    import pandas as pd
+
+    n = len(df)
+    lookback = st.encoder.lookback
     drops: dict[str, int] = {}
-    valid = np.ones(n_all, dtype=bool)
+    valid = np.ones(n, dtype=bool)
 
     def drop(mask: np.ndarray, reason: str) -> None:
         nonlocal valid
@@ -309,68 +343,105 @@ def build_dataset(cfg: BuildConfig) -> Path:
             drops[reason] = int(newly.sum())
         valid &= ~mask
 
-    drop(np.arange(n_all) < encoder.lookback, f"no full {encoder.lookback}-minute lookback")
-    drop(pd.isna(labels), "no label (lookback/horizon past the data or a gap)")
-    drop(np.isnan(ret_all).any(axis=1), "no realized return (horizon past the data or a gap)")
-    drop(np.isnan(change_all), "no answer change (past the data)")
-    if features is not None:
-        cols = encoder.columns(features)
-        drop(features[cols].isna().to_numpy().any(axis=1), "features not available (warm-up or zero division)")
+    drop(np.arange(n) < lookback, f"no full {lookback}-minute lookback")
+    drop(pd.isna(mins.labels), "no label (lookback/horizon past the data or a gap)")
+    drop(np.isnan(mins.ret).any(axis=1), "no realized return (horizon past the data or a gap)")
+    drop(np.isnan(mins.change), "no answer change (past the data)")
+    if mins.features is not None:
+        cols = st.encoder.columns(mins.features)
+        drop(mins.features[cols].isna().to_numpy().any(axis=1), "features not available (warm-up or zero division)")
     if "filled" in df.columns:
-        lb = encoder.lookback
         filled = df["filled"].to_numpy(dtype=bool)
-        near = np.convolve(filled.astype(np.int64), np.ones(lb + max(cfg.horizon, 1) + 1, dtype=np.int64),
-                           mode="full")[lb:lb + n_all] > 0
+        near = np.convolve(filled.astype(np.int64), np.ones(lookback + max(cfg.horizon, 1) + 1, dtype=np.int64),
+                           mode="full")[lookback:lookback + n] > 0
         drop(near, "filled (synthetic) bars in the window or horizon")
+    return valid, drops
 
-    parts = chronological_split(df["open_time"], split_cfg)
-    split_names = list(parts)
-    split_of = np.full(n_all, -1, dtype=np.int8)
-    for i, s in enumerate(split_names):
+
+def _splits(df, st: _Settings, valid: np.ndarray, drops: dict[str, int]
+            ) -> tuple[list[str], np.ndarray, dict[str, np.ndarray]]:
+    """Chronological parts; minutes in the embargo between them stop being usable (counted)."""
+    from atm.market.splits import chronological_split
+
+    parts = chronological_split(df["open_time"], st.split_cfg)
+    names = list(parts)
+    split_of = np.full(len(df), -1, dtype=np.int8)
+    for i, s in enumerate(names):
         split_of[parts[s]] = i
     in_embargo = valid & (split_of < 0)
     if in_embargo.any():
         drops["in the embargo between splits"] = int(in_embargo.sum())
     valid &= split_of >= 0
+    return names, split_of, parts
 
-    # --- few-shot examples (train split only), then excluded from the training rows
-    label_idx_all = np.full(n_all, -1, dtype=np.int64)
+
+def _teaching(cfg: BuildConfig, df, st: _Settings, mins: _Minutes, valid: np.ndarray, names: list[str],
+              split_of: np.ndarray, drops: dict[str, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(label index, taught advice index, k-shot example rows) per kline row. The examples come from
+    the train split only, are written into ``st.template`` and stop being training rows."""
+    from atm.prompting.template import Example, choose_examples
+
+    label_idx = np.full(len(df), -1, dtype=np.int64)
     for j, a in enumerate(ADVICES):
-        label_idx_all[labels == a] = j
-    scores_all = score_matrix(np.nan_to_num(ret_all))
+        label_idx[mins.labels == a] = j
     if cfg.pairs == "reward":  # the advice the model is taught: best realized (NOOP on ties)
         pref = np.array([1, 0, 2])
-        teach_idx = pref[np.argmax(scores_all[:, pref], axis=1)]
+        teach_idx = pref[np.argmax(score_matrix(np.nan_to_num(mins.ret))[:, pref], axis=1)]
     else:
-        teach_idx = label_idx_all
+        teach_idx = label_idx
     examples_rows = np.empty(0, dtype=np.int64)
-    if n_shots > 0 and not template.spec.examples:
-        train_valid = np.flatnonzero(valid & (split_of == split_names.index("train")))
+    template, enc = st.template, st.encoder
+    if st.n_shots > 0 and not template.spec.examples:
+        train_valid = np.flatnonzero(valid & (split_of == names.index("train")))
         teach_labels = np.array([ADVICES[i] if i >= 0 else None for i in teach_idx], dtype=object)
-        examples_rows = choose_examples(teach_labels, train_valid, n_shots, fs_seed, fs.balanced)
-        ctx = encoder.encode(df, examples_rows, features)
-        chg = encoder.answer_changes(df, examples_rows)
+        examples_rows = choose_examples(teach_labels, train_valid, st.n_shots, st.fewshot_seed,
+                                        template.spec.fewshot.balanced)
+        ctx = enc.encode(df, examples_rows, mins.features)
+        chg = enc.answer_changes(df, examples_rows)
         ot = df["open_time"].to_numpy()
-        template = template.with_examples([
+        st.template = template.with_examples([
             Example(context=c, advice=ADVICES[teach_idx[r]], change=ch, row=int(r),
                     open_time=_iso(ot[r]), split="train")
             for r, c, ch in zip(examples_rows.tolist(), ctx, chg)])
         if len(examples_rows):
             drops["used as few-shot examples"] = len(examples_rows)
             valid[examples_rows] = False
-    elif n_shots > 0 and len(template.spec.examples) != n_shots:
+    elif st.n_shots > 0 and len(template.spec.examples) != st.n_shots:
         raise ConfigError(f"{cfg.template}: the template has {len(template.spec.examples)} written-in examples "
-                          f"but fewshot.k is {n_shots}")
+                          f"but fewshot.k is {st.n_shots}")
+    return label_idx, teach_idx, examples_rows
 
+
+def _select(cfg: BuildConfig, df, st: _Settings, mins: _Minutes, src: Path) -> _Selection:
+    valid, drops = _usable(cfg, df, st, mins)
+    names, split_of, parts = _splits(df, st, valid, drops)
+    label_idx, teach_idx, examples_rows = _teaching(cfg, df, st, mins, valid, names, split_of, drops)
     rows = np.flatnonzero(valid)
     if len(rows) == 0:
-        raise DataError(f"no usable minutes ({n_all} rows; dropped: {drops})", str(src))
-    ret = ret_all[rows]
-    p_minute, p_chosen, p_rejected, p_margin, pair_drops = choose_pairs(cfg, label_idx_all[rows], ret)
-    for split in split_names:
-        idx = split_names.index(split)
-        if not (split_of[rows] == idx).any():
+        raise DataError(f"no usable minutes ({len(df)} rows; dropped: {drops})", str(src))
+    for i, split in enumerate(names):
+        if not (split_of[rows] == i).any():
             raise DataError(f"split {split!r} has no usable minutes (dropped: {drops})", str(src))
+    return _Selection(split_names=names, split_of=split_of, parts=parts, rows=rows, teach_idx=teach_idx,
+                      label_idx=label_idx, examples_rows=examples_rows, drops=drops)
+
+
+def build_dataset(cfg: BuildConfig) -> Path:
+    """Build the dataset described by ``cfg``; returns the output folder (written atomically)."""
+    from atm.market.klines import read_klines_parquet
+
+    out = Path(cfg.out)
+    name = cfg.name or out.name
+    if out.exists() and not cfg.overwrite:
+        raise AtmError(f"{out}: already exists (pass --overwrite / overwrite=true to replace it)")
+    src = Path(cfg.klines)
+    df = read_klines_parquet(src)
+    symbol, src_meta = _symbol(cfg, src)
+    st = _settings(cfg)
+    mins = _minutes(cfg, df, st)
+    sel = _select(cfg, df, st, mins, src)
+    ret = mins.ret[sel.rows]
+    pairs = choose_pairs(cfg, sel.label_idx[sel.rows], ret)
 
     # --- where to write: a temp folder beside out, renamed at the end
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -378,6 +449,30 @@ def build_dataset(cfg: BuildConfig) -> Path:
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
+    try:
+        stats = _write_views(cfg, tmp, df, st, mins, sel, pairs, symbol, name)
+        shutil.copyfile(src, tmp / "klines.parquet")
+        info = _card(cfg, tmp, df, st, mins, sel, stats, pairs[4], symbol, name, src, src_meta)
+        _publish(tmp, out, info)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _write_views(cfg: BuildConfig, tmp: Path, df, st: _Settings, mins: _Minutes, sel: _Selection, pairs,
+                 symbol: str, name: str) -> dict[str, dict[str, Any]]:
+    """Every view of every split, written chunk by chunk; returns per-split counts for the card."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from atm.utils import progress
+
+    p_minute, p_chosen, p_rejected, p_margin, _ = pairs
+    rows, split_names, split_of = sel.rows, sel.split_names, sel.split_of
+    ret = mins.ret[rows]
+    template, encoder, features, labels, teach_idx = st.template, st.encoder, mins.features, mins.labels, sel.teach_idx
     schemas = _schemas()
     writers: dict[tuple[str, str], Any] = {}
     try:
@@ -447,7 +542,7 @@ def build_dataset(cfg: BuildConfig) -> Path:
                 lo, hi = pair_start[g], pair_start[g + 1]
                 cnt = hi - lo
                 total = int(cnt.sum())
-                st = stats[split]
+                stt = stats[split]
                 if total:
                     pidx = np.repeat(lo, cnt) + (np.arange(total) - np.repeat(np.cumsum(cnt) - cnt, cnt))
                     loc = pa.array(np.repeat(m, cnt))  # chunk-local minute of each pair
@@ -462,93 +557,102 @@ def build_dataset(cfg: BuildConfig) -> Path:
                                                        ["assistant"]),
                             "margin": p_margin[pidx], "chosen_advice": ch_adv, "rejected_advice": rj_adv},
                             schema=schemas["preference"]))
-                    st["pairs"] += total
-                    st["margin_sum"] += float(p_margin[pidx].sum())
+                    stt["pairs"] += total
+                    stt["margin_sum"] += float(p_margin[pidx].sum())
                     counts = np.bincount(ch_i, minlength=3)
                     for j, a in enumerate(ADVICES):
-                        st["chosen"][a] += int(counts[j])
-                st["items"] += k
+                        stt["chosen"][a] += int(counts[j])
+                stt["items"] += k
                 for a in ADVICES:
-                    st["labels"][a] += int((lab[a0:a1] == a).sum())
-                st["prompt_chars"].append(prefix_chars + pc.utf8_length(u).to_numpy(zero_copy_only=False))
+                    stt["labels"][a] += int((lab[a0:a1] == a).sum())
+                stt["prompt_chars"].append(prefix_chars + pc.utf8_length(u).to_numpy(zero_copy_only=False))
             bar.update(len(r))
         bar.close()
-        for w in writers.values():
-            w.close()
-        writers.clear()
-
-        # --- klines copy, metadata, card
-        shutil.copyfile(src, tmp / "klines.parquet")
-        split_info: dict[str, Any] = {}
-        ot_all = df["open_time"]
-        for si, split in enumerate(split_names):
-            st = stats[split]
-            srows = rows[split_of[rows] == si]
-            chars = np.concatenate(st.pop("prompt_chars")) if st["prompt_chars"] else np.zeros(0, np.int64)
-            part = parts[split]
-            split_info[split] = {
-                "minutes_in_range": int(len(part)),
-                "first_open_time": _iso(ot_all.iloc[part[0]]), "last_open_time": _iso(ot_all.iloc[part[-1]]),
-                "items": st["items"], "pairs": st["pairs"],
-                "first_item": _iso(ot_all.iloc[srows[0]]) if len(srows) else None,
-                "last_item": _iso(ot_all.iloc[srows[-1]]) if len(srows) else None,
-                "label_balance": st["labels"], "chosen_balance": st["chosen"],
-                "mean_margin_bps": round(st["margin_sum"] / st["pairs"], 3) if st["pairs"] else None,
-                "prompt_chars": _stats(chars),
-            }
-        tokens = count_tokens(cfg, template, encoder, df, features, rows, split_of, split_names, teach_idx)
-        files = {}
-        for view in cfg.views:
-            for split in split_names:
-                f = view_file(tmp, view, split)
-                files[str(f.relative_to(tmp))] = sha256_file(f)
-        files["klines.parquet"] = sha256_file(tmp / "klines.parquet")
-        info = {
-            "kind": "atm.dataset", "name": name, "symbol": symbol,
-            "config": cfg.to_dict(),
-            "encoder": encoder.config(),
-            "template": {"name": template.name, "path": str(cfg.template), "sha256": template.sha256,
-                         "yaml": template.to_yaml(), "fewshot_k": n_shots, "fewshot_seed": fs_seed,
-                         "example_rows": [int(x) for x in examples_rows]},
-            "schema": template.schema(),  # ordered as the template's answer: decoders follow it
-            "label": {**label_cfg.to_dict(), "label_horizon": label_horizon(label_cfg)},
-            "returns": {"horizon": cfg.horizon, "fee": cfg.fee, "slippage_bps": cfg.slippage_bps,
-                        "entry": "open(t)", "exit": f"open(t+{cfg.horizon})"},
-            "pairs": {"rule": cfg.pairs, "all_worse": cfg.all_worse, "min_margin": cfg.min_margin,
-                      "dropped": pair_drops},
-            "split": {**split_cfg.to_dict(), "parts": split_names},
-            "splits": split_info,
-            "rows": {"klines": n_all, "items": int(len(rows)), "dropped": drops},
-            "tokens": tokens,
-            "source": {"klines": str(src), "sha256": sha256_file(src), "rows": n_all,
-                       "first_open_time": _iso(ot_all.iloc[0]), "last_open_time": _iso(ot_all.iloc[-1]),
-                       "interval": src_meta.get("interval"), "market": src_meta.get("market"),
-                       "files": [{"path": f.get("path"), "sha256": f.get("sha256"), "rows": f.get("rows")}
-                                 for f in src_meta.get("files", [])]},
-            "files": files,
-            "provenance": provenance(cfg),
-        }
-        write_json_atomic(tmp / "dataset.json", info)
-        write_text_atomic(tmp / "README.md", render_card(info))
-        for f in (tmp / "dataset.json", tmp / "README.md"):
-            f.chmod(0o644)  # atomic writes create 0600 temp files; a dataset is for sharing
-
-        if out.exists():  # overwrite: swap in, then remove the old one
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
     finally:
         for w in writers.values():
             try:
                 w.close()
-            except Exception:  # noqa: BLE001 - already failing; the temp dir is removed below
+            except Exception:  # noqa: BLE001 - already failing; the temp dir is removed by the caller
                 pass
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    return stats
+
+
+def _card(cfg: BuildConfig, tmp: Path, df, st: _Settings, mins: _Minutes, sel: _Selection,
+          stats: dict[str, dict[str, Any]], pair_drops: dict[str, int], symbol: str, name: str, src: Path,
+          src_meta: dict[str, Any]) -> dict[str, Any]:
+    """``dataset.json``: the config, template, encoder, labels, splits, counts and hashes."""
+    from atm.market.labels import label_horizon
+    from atm.utils import provenance, sha256_file
+
+    rows, split_of = sel.rows, sel.split_of
+    split_info: dict[str, Any] = {}
+    ot_all = df["open_time"]
+    for si, split in enumerate(sel.split_names):
+        s = stats[split]
+        srows = rows[split_of[rows] == si]
+        chars = np.concatenate(s.pop("prompt_chars")) if s["prompt_chars"] else np.zeros(0, np.int64)
+        part = sel.parts[split]
+        split_info[split] = {
+            "minutes_in_range": int(len(part)),
+            "first_open_time": _iso(ot_all.iloc[part[0]]), "last_open_time": _iso(ot_all.iloc[part[-1]]),
+            "items": s["items"], "pairs": s["pairs"],
+            "first_item": _iso(ot_all.iloc[srows[0]]) if len(srows) else None,
+            "last_item": _iso(ot_all.iloc[srows[-1]]) if len(srows) else None,
+            "label_balance": s["labels"], "chosen_balance": s["chosen"],
+            "mean_margin_bps": round(s["margin_sum"] / s["pairs"], 3) if s["pairs"] else None,
+            "prompt_chars": _stats(chars),
+        }
+    tokens = count_tokens(cfg, st.template, st.encoder, df, mins.features, rows, split_of, sel.split_names,
+                          sel.teach_idx)
+    files = {}
+    for view in cfg.views:
+        for split in sel.split_names:
+            f = view_file(tmp, view, split)
+            files[str(f.relative_to(tmp))] = sha256_file(f)
+    files["klines.parquet"] = sha256_file(tmp / "klines.parquet")
+    template, label_cfg = st.template, st.label_cfg
+    return {
+        "kind": "atm.dataset", "name": name, "symbol": symbol,
+        "config": cfg.to_dict(),
+        "encoder": st.encoder.config(),
+        "template": {"name": template.name, "path": str(cfg.template), "sha256": template.sha256,
+                     "yaml": template.to_yaml(), "fewshot_k": st.n_shots, "fewshot_seed": st.fewshot_seed,
+                     "example_rows": [int(x) for x in sel.examples_rows]},
+        "schema": template.schema(),  # ordered as the template's answer: decoders follow it
+        "label": {**label_cfg.to_dict(), "label_horizon": label_horizon(label_cfg)},
+        "returns": {"horizon": cfg.horizon, "fee": cfg.fee, "slippage_bps": cfg.slippage_bps,
+                    "entry": "open(t)", "exit": f"open(t+{cfg.horizon})"},
+        "pairs": {"rule": cfg.pairs, "all_worse": cfg.all_worse, "min_margin": cfg.min_margin,
+                  "dropped": pair_drops},
+        "split": {**st.split_cfg.to_dict(), "parts": sel.split_names},
+        "splits": split_info,
+        "rows": {"klines": len(df), "items": int(len(rows)), "dropped": sel.drops},
+        "tokens": tokens,
+        "source": {"klines": str(src), "sha256": sha256_file(src), "rows": len(df),
+                   "first_open_time": _iso(ot_all.iloc[0]), "last_open_time": _iso(ot_all.iloc[-1]),
+                   "interval": src_meta.get("interval"), "market": src_meta.get("market"),
+                   "files": [{"path": f.get("path"), "sha256": f.get("sha256"), "rows": f.get("rows")}
+                             for f in src_meta.get("files", [])]},
+        "files": files,
+        "provenance": provenance(cfg),
+    }
+
+
+def _publish(tmp: Path, out: Path, info: dict[str, Any]) -> None:
+    """Write the card and README into the finished temp folder and swap it in for ``out``."""
+    from atm.utils import write_json_atomic, write_text_atomic
+
+    write_json_atomic(tmp / DATASET_CARD, info)
+    write_text_atomic(tmp / "README.md", render_card(info))
+    for f in (tmp / DATASET_CARD, tmp / "README.md"):
+        f.chmod(0o644)  # atomic writes create 0600 temp files; a dataset is for sharing
+    if out.exists():  # overwrite: swap in, then remove the old one
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
 
 
 def count_tokens(cfg: BuildConfig, template, encoder, df, features, rows: np.ndarray, split_of: np.ndarray,

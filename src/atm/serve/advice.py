@@ -6,7 +6,10 @@ decoded under the model's answer schema, parsed by the one strict parser
 given class probabilities read at the token where the advice value starts.
 
 The advised minute t is the one after the last kline given (or the ``time`` asked for, with a
-dataset's klines): only bars before t are encoded, as at the open of t.
+dataset's klines): only bars before t are encoded, as at the open of t. Klines sent in the request
+are checked by the rules ``atm data build`` applies to files (``atm.market.validate``): a bad bar
+is a 400 naming ``klines[i]``, rows out of order are sorted and reported in the answer's
+``repairs``, as the build reports them.
 """
 
 from __future__ import annotations
@@ -20,13 +23,10 @@ from typing import Any
 import numpy as np
 
 from atm.constants import ADVICES, MINUTE_NS
+from atm.market.klines import COLUMNS, FLOAT_COLUMNS
+from atm.market.validate import MAX_LISTED, PRICE_COLUMNS, Repairs, first_bad_bar, out_of_order
 from atm.prompting.answer import ADVICE_KEY, probs_from_top_logprobs
 
-BINANCE_ORDER = ("open_time", "open", "high", "low", "close", "volume", "close_time", "quote_volume",
-                 "count", "taker_buy_volume", "taker_buy_quote_volume")
-PRICE_COLS = ("open", "high", "low", "close")
-FLOAT_COLS = ("open", "high", "low", "close", "volume", "quote_volume", "taker_buy_volume",
-              "taker_buy_quote_volume")
 
 
 class AdviceInputError(Exception):
@@ -53,28 +53,33 @@ def _to_ts(value: Any, where: str):
         raise AdviceInputError(f"{where}: open_time {value!r} is not a time ({exc})") from None
 
 
-def klines_frame(rows: list[Any]):
+def klines_frame(rows: list[Any], repairs: Repairs | None = None):
     """A kline frame (docs/architecture.md layout) from JSON rows: objects with the column names,
-    or arrays in Binance's column order. Checked: numbers finite, prices > 0, consecutive minutes."""
+    or arrays in Binance's column order. Checked as ``atm data build`` checks a file
+    (``atm.market.validate``): numbers finite, prices > 0, volumes >= 0, low <= open, close <= high
+    (a 400 naming ``klines[i]``); rows out of order are sorted, counted in ``repairs``. A repeated
+    minute or a gap is a 400 (the build drops exact copies, which Binance's overlapping daily and
+    monthly files produce; a request has no such source)."""
     import pandas as pd
 
     if not rows:
         raise AdviceInputError("klines is empty")
-    recs: dict[str, list] = {c: [] for c in BINANCE_ORDER}
+    repairs = repairs if repairs is not None else Repairs()
+    recs: dict[str, list] = {c: [] for c in COLUMNS}
     for i, row in enumerate(rows):
         where = f"klines[{i}]"
         if isinstance(row, list):
             if len(row) < 6:
                 raise AdviceInputError(f"{where}: an array row needs at least open_time, open, high, "
                                        f"low, close, volume (got {len(row)} values)")
-            row = dict(zip(BINANCE_ORDER, row))
+            row = dict(zip(COLUMNS, row))
         if not isinstance(row, dict):
             raise AdviceInputError(f"{where}: expected an object or an array")
         recs["open_time"].append(_to_ts(row.get("open_time"), where))
-        for c in FLOAT_COLS + ("count",):
+        for c in FLOAT_COLUMNS + ("count",):
             v = row.get(c)
             if v is None:
-                if c in PRICE_COLS or c == "volume":
+                if c in PRICE_COLUMNS or c == "volume":
                     raise AdviceInputError(f"{where}: {c} is missing")
                 v = 0
             try:
@@ -85,29 +90,37 @@ def klines_frame(rows: list[Any]):
                 raise AdviceInputError(f"{where}: {c} is not a number ({v!r})") from None
             if not math.isfinite(f):
                 raise AdviceInputError(f"{where}: {c} is not finite ({v!r})")
-            if c in PRICE_COLS and f <= 0:
-                raise AdviceInputError(f"{where}: {c} must be positive ({v!r})")
-            if f < 0:
-                raise AdviceInputError(f"{where}: {c} must not be negative ({v!r})")
             recs[c].append(f)
         recs["close_time"].append(None)
-    df = pd.DataFrame({c: recs[c] for c in BINANCE_ORDER if c != "close_time"})
+    values = {c: np.asarray(recs[c], dtype=np.float64) for c in FLOAT_COLUMNS + ("count",)}
+    bad = first_bad_bar(values)
+    if bad is not None:
+        raise AdviceInputError(f"klines[{bad[0]}]: {bad[1]}")
+    df = pd.DataFrame({c: recs[c] for c in COLUMNS if c != "close_time"})
     df["open_time"] = pd.to_datetime(df["open_time"], utc=True).astype("datetime64[ns, UTC]")
-    df = df.sort_values("open_time", kind="stable").reset_index(drop=True)
     ns = df["open_time"].astype("int64").to_numpy()
     if (ns % MINUTE_NS).any():
         raise AdviceInputError("klines: open_time values must fall on whole minutes (1m klines)")
+    back = out_of_order(ns)
+    if back.size:
+        repairs.add("rows_reordered", "rows out of time order (sorted)", int(back.size),
+                    [f"klines[{int(k)}]" for k in back[:MAX_LISTED]])
+    order = np.argsort(ns, kind="stable")
+    df = df.iloc[order].reset_index(drop=True)
+    ns = ns[order]
+    dup = np.flatnonzero(ns[1:] == ns[:-1]) + 1
+    if dup.size:  # a request is one window its client assembled: a repeated minute is its bug
+        k = int(dup[0])
+        raise AdviceInputError(f"klines: minute {df['open_time'][k].isoformat()} appears twice "
+                               f"(klines[{int(order[k - 1])}] and klines[{int(order[k])}])")
     d = np.diff(ns)
-    if (d == 0).any():
-        i = int(np.argmax(d == 0))
-        raise AdviceInputError(f"klines: minute {df['open_time'][i].isoformat()} appears twice")
     if (d != MINUTE_NS).any():
         i = int(np.argmax(d != MINUTE_NS))
         raise AdviceInputError(f"klines: gap after {df['open_time'][i].isoformat()}: 1m klines must be "
                                "consecutive minutes")
     df["count"] = df["count"].astype("int64")
     df["close_time"] = df["open_time"] + pd.Timedelta(milliseconds=59_999)
-    return df[list(BINANCE_ORDER)]
+    return df[list(COLUMNS)]
 
 
 _DATASETS: dict[str, Any] = {}
@@ -147,7 +160,7 @@ def _with_target_row(df):
     row = {c: last[c] for c in df.columns}
     row["open_time"] = last["open_time"] + pd.Timedelta(minutes=1)
     row["close_time"] = row["open_time"] + pd.Timedelta(milliseconds=59_999)
-    for c in PRICE_COLS:
+    for c in PRICE_COLUMNS:
         row[c] = float(last["close"])
     for c in ("volume", "quote_volume", "taker_buy_volume", "taker_buy_quote_volume"):
         if c in row:
@@ -195,8 +208,9 @@ async def advise(request, m, req, settings, call_cancellable) -> dict[str, Any]:
         schema = m.advice_schema()
     except Exception as exc:  # noqa: BLE001 - a model without its metadata is a client-visible 400
         raise AdviceInputError(f"model {m.name!r} cannot give advice: {exc}", "model") from None
+    repairs = Repairs()
     if req.klines is not None:
-        df = klines_frame(req.klines)
+        df = klines_frame(req.klines, repairs)
     elif req.symbol:
         df = dataset_window(settings, req.symbol, req.time, max(enc.lookback + 1, 64))
     else:
@@ -237,5 +251,6 @@ async def advise(request, m, req, settings, call_cancellable) -> dict[str, Any]:
         "template": template.name, "encoder": enc.config(),
         "finish_reason": choice.get("finish_reason"),
         "usage": resp.get("usage"), "engine_ms": round(gen_ms, 2),
+        "repairs": repairs.as_list(),  # what was repaired in the klines sent (as `atm data build` reports it)
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
