@@ -7,9 +7,9 @@ import time
 from fastapi import APIRouter, Depends, Request
 from starlette.responses import Response
 
-from atm.serve.api.deps import ClientGone, ServeState, call_cancellable, get_served, serve_state
+from atm.serve.api.deps import ClientGone, ServeState, call_cancellable, read_request, serve_state
 from atm.serve.api.errors import ApiError, dumps
-from atm.serve.api.protocol import AdviceRequest, read_json
+from atm.serve.api.protocol import AdviceRequest
 
 router = APIRouter()
 
@@ -18,8 +18,7 @@ router = APIRouter()
 async def advice(request: Request, st: ServeState = Depends(serve_state)):
     from atm.serve import advice as adv  # numpy, pandas and the encoders load on first use
 
-    req: AdviceRequest = await read_json(request, AdviceRequest, st.limit)
-    m = get_served(st, req.model)
+    req, m = await read_request(request, st, AdviceRequest)
     t0 = time.perf_counter()
     try:
         result = await adv.advise(request, m, req, st.settings, call_cancellable)

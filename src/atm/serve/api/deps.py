@@ -55,6 +55,15 @@ def get_served(st: ServeState, name: str):
     return m
 
 
+async def read_request(request, st: ServeState, model_cls):
+    """The body parsed into ``model_cls`` (``atm.serve.api.protocol.read_json``) and the served
+    model it names (404 listing the served ones)."""
+    from atm.serve.api.protocol import read_json
+
+    req = await read_json(request, model_cls, st.limit)
+    return req, get_served(st, req.model)
+
+
 def check_max_tokens(st: ServeState, m, max_tokens: int | None, param: str = "max_tokens") -> int:
     n_ctx = m.engine.n_ctx
     default = st.settings.default_max_tokens

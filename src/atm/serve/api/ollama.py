@@ -11,8 +11,8 @@ from fastapi import APIRouter, Depends, Request
 from starlette.responses import Response
 
 from atm.serve import ollama_codec
-from atm.serve.api.deps import (ServeState, check_max_tokens, check_schema, check_stop, get_served, run_engine,
-                                serve_state)
+from atm.serve.api.deps import (ServeState, check_max_tokens, check_schema, check_stop, get_served, read_request,
+                                run_engine, serve_state)
 from atm.serve.api.errors import ApiError, dumps
 from atm.serve.api.protocol import (OllamaChatRequest, OllamaGenerateRequest, OllamaShowRequest, OllamaBase,
                                     read_json)
@@ -52,8 +52,7 @@ async def _answer(request: Request, st: ServeState, m, call, ereq: EngineRequest
 @router.post("/api/chat")
 async def ollama_chat(request: Request, st: ServeState = Depends(serve_state)):
     t0 = time.perf_counter()
-    req: OllamaChatRequest = await read_json(request, OllamaChatRequest, st.limit)
-    m = get_served(st, req.model)
+    req, m = await read_request(request, st, OllamaChatRequest)
     if req.tools:
         raise ApiError(400, "tools are not supported by atm serve")
     if any(msg.images for msg in req.messages):
@@ -75,8 +74,7 @@ async def ollama_chat(request: Request, st: ServeState = Depends(serve_state)):
 @router.post("/api/generate")
 async def ollama_generate(request: Request, st: ServeState = Depends(serve_state)):
     t0 = time.perf_counter()
-    req: OllamaGenerateRequest = await read_json(request, OllamaGenerateRequest, st.limit)
-    m = get_served(st, req.model)
+    req, m = await read_request(request, st, OllamaGenerateRequest)
     if req.images:
         raise ApiError(400, "images are not supported by this model")
     if req.suffix:

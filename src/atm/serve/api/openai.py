@@ -9,9 +9,9 @@ from fastapi import APIRouter, Depends, Request
 from starlette.responses import Response
 
 from atm.serve.api.deps import (ServeState, apply_format, chat_messages, check_max_tokens, check_schema,
-                                get_served, run_engine, sampling, serve_state)
+                                get_served, read_request, run_engine, sampling, serve_state)
 from atm.serve.api.errors import ApiError, dumps
-from atm.serve.api.protocol import ChatCompletionRequest, CompletionRequest, read_json
+from atm.serve.api.protocol import ChatCompletionRequest, CompletionRequest
 from atm.serve.api.streaming import open_stream, sse
 from atm.serve.engines import EngineRequest
 
@@ -47,8 +47,7 @@ async def _json_reply(request: Request, st: ServeState, m, call, ereq: EngineReq
 @router.post("/v1/chat/completions")
 async def chat_completions(request: Request, st: ServeState = Depends(serve_state)):
     t0 = time.perf_counter()
-    req: ChatCompletionRequest = await read_json(request, ChatCompletionRequest, st.limit)
-    m = get_served(st, req.model)
+    req, m = await read_request(request, st, ChatCompletionRequest)
     if req.tools:
         raise ApiError(400, "tools / function calling are not supported by atm serve", param="tools")
     mt = req.max_tokens if req.max_tokens is not None else req.max_completion_tokens
@@ -71,8 +70,7 @@ async def chat_completions(request: Request, st: ServeState = Depends(serve_stat
 @router.post("/v1/completions")
 async def completions(request: Request, st: ServeState = Depends(serve_state)):
     t0 = time.perf_counter()
-    req: CompletionRequest = await read_json(request, CompletionRequest, st.limit)
-    m = get_served(st, req.model)
+    req, m = await read_request(request, st, CompletionRequest)
     prompt = req.prompt
     if isinstance(prompt, list):
         if len(prompt) != 1:
