@@ -153,10 +153,12 @@ families: qwen2.5, llama-3.2, phi-3, smollm2 (ATM's rebuilt tokenizers: `atm doc
 
 
 def _dataset_info(dataset: str) -> dict:
-    f = Path(dataset) / "dataset.json"
+    from atm.artifacts import DatasetDir
+    from atm.errors import AtmError
+
     try:
-        return json.loads(f.read_text())
-    except (OSError, json.JSONDecodeError):
+        return DatasetDir(dataset).card().data
+    except (OSError, AtmError):  # a missing or broken card: nothing to show
         return {}
 
 
