@@ -52,7 +52,8 @@ def _gen(options: dict[str, Any]) -> dict[str, Any]:
 def _schema(answer_format: str | None = None) -> dict[str, Any]:
     """The answer schema, its properties in the order of ``answer_format`` (a template's answer text):
     constrained decoders write them in schema order, so the model answers in its trained order."""
-    from atm.prompting.advice import answer_order, load_schema
+    from atm.prompting.advice import load_schema
+    from atm.prompting.answer import answer_order
 
     return load_schema(answer_order(answer_format) if answer_format else None)
 

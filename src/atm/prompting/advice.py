@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from atm.constants import ADVICES
-from atm.prompting.answer import CHANGE_RE
+from atm.prompting.answer import ANSWER_FORMATS, CHANGE_RE, answer_order  # noqa: F401 - part of this API
 from atm.errors import AtmError
 
 SCHEMA_FILE = "advice.schema.json"
@@ -84,20 +84,8 @@ def _schema_text() -> str:
 #: The answer formats a template can pick (``answer_format`` in ``prompts/*.yaml``): the assistant's
 #: text (str.format with {change} and {advice}). ``advice-first`` lets loglik scoring rank the three
 #: advice options right after the prompt, without decoding the change first.
-ANSWER_FORMATS: dict[str, str] = {
-    "change-first": '{{"predicted_open_change": "{change}", "advice": "{advice}"}}',
-    "advice-first": '{{"advice": "{advice}", "predicted_open_change": "{change}"}}',
-}
 _KEY_ORDER = {"change-first": ("predicted_open_change", "advice"),
               "advice-first": ("advice", "predicted_open_change")}
-
-
-def answer_order(fmt: str) -> str:
-    """``"advice-first"`` or ``"change-first"``: which value an answer format text writes first."""
-    s = fmt.format(change="\x00C\x00", advice="\x00A\x00")
-    if "\x00A\x00" not in s or "\x00C\x00" not in s:
-        raise ValueError(f"an answer format needs both {{change}} and {{advice}}: {fmt!r}")
-    return "advice-first" if s.index("\x00A\x00") < s.index("\x00C\x00") else "change-first"
 
 
 def load_schema(answer_format: str | None = None) -> dict[str, Any]:

@@ -1,9 +1,10 @@
 """The answer, shared by every side that reads one: its format, where its values are, and class
 probabilities with one rule.
 
-- ``DEFAULT_ANSWER`` / ``answer_pieces(fmt)``: a template's ``answer`` format (str.format with
-  ``{change}`` and ``{advice}``) and the text around its two values (loglik scoring decodes or
-  scores exactly these slots).
+- ``ANSWER_FORMATS`` (change-first, advice-first), ``DEFAULT_ANSWER``, ``answer_order(fmt)`` and
+  ``answer_pieces(fmt)``: a template's ``answer`` format (str.format with ``{change}`` and
+  ``{advice}``), which value it writes first, and the text around its two values (loglik scoring
+  decodes or scores exactly these slots).
 - ``change_pattern(schema)``: the predicted change's pattern in the answer schema; ``CHANGE_RE``
   the shipped schema's, which the strict parser checks; ``ADVICE_KEY`` where an answer's advice
   value starts (class probabilities are read there).
@@ -24,13 +25,26 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from atm.constants import ADVICES
 
-DEFAULT_ANSWER = '{{"predicted_open_change": "{change}", "advice": "{advice}"}}'
+# the two answer orders a template may use (``TemplateSpec.answer_format``); the parser takes both
+ANSWER_FORMATS: dict[str, str] = {
+    "change-first": '{{"predicted_open_change": "{change}", "advice": "{advice}"}}',
+    "advice-first": '{{"advice": "{advice}", "predicted_open_change": "{change}"}}',
+}
+DEFAULT_ANSWER = ANSWER_FORMATS["change-first"]  # the original experiment's
 ADVICE_KEY = re.compile(r'"advice"\s*:\s*"')  # where the advice value starts in an answer
 _C, _A = "\x00C\x00", "\x00A\x00"
 
 
 # ---------------------------------------------------------------------------------------------
 # the format
+
+
+def answer_order(fmt: str) -> str:
+    """``"advice-first"`` or ``"change-first"``: which value an answer format text writes first."""
+    s = fmt.format(change=_C, advice=_A)
+    if _A not in s or _C not in s:
+        raise ValueError(f"an answer format needs both {{change}} and {{advice}}: {fmt!r}")
+    return "advice-first" if s.index(_A) < s.index(_C) else "change-first"
 
 
 def answer_pieces(fmt: str = DEFAULT_ANSWER) -> dict[str, Any]:

@@ -92,7 +92,7 @@ class TemplateSpec(AtmConfig):
     @classmethod
     def _answer_format(cls, data: Any) -> Any:
         """``answer_format`` alone picks its answer text; ``answer`` alone gives its format; both must agree."""
-        from atm.prompting.advice import ANSWER_FORMATS, answer_order
+        from atm.prompting.answer import ANSWER_FORMATS, answer_order
 
         if not isinstance(data, dict):
             return data
