@@ -148,7 +148,8 @@ class EngineProcess:
 
         def wait() -> None:
             rc = proc.wait()
-            loop.call_soon_threadsafe(lambda: fut.done() or fut.set_result(rc))
+            with contextlib.suppress(RuntimeError):  # the loop may be closed by then (shutdown)
+                loop.call_soon_threadsafe(lambda: fut.done() or fut.set_result(rc))
 
         threading.Thread(target=wait, name=f"wait-{self.kind}-{proc.pid}", daemon=True).start()
         return await fut
