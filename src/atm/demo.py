@@ -291,14 +291,14 @@ def register_shipped_gguf(source: str, name: str, dataset_dir: str):
     """The base model's own GGUF file, untouched (the model as shipped), in the registry as
     ``NAME:shipped`` with the prompt template and schema of ``dataset_dir``, so atm-eval, atm serve
     and Modelfiles ask it exactly what the dataset's items ask."""
+    from atm.artifacts import DatasetDir
     from atm.export.gguf import copy_into_registry, inspect_gguf
     from atm.finetune.sources import resolve_gguf
 
     path, _ = resolve_gguf(source)
-    meta = json.loads((Path(dataset_dir) / "dataset.json").read_text())
-    template = meta.get("template") or {}
-    tpl_yaml = template.get("yaml") if isinstance(template, dict) else template
-    schema = meta.get("schema") or (template.get("schema") if isinstance(template, dict) else None)
+    card = DatasetDir(dataset_dir).card()
+    tpl_yaml = card.template_yaml
+    schema = card.schema
     if schema is None:
         from atm.prompting.advice import load_schema
 
