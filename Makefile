@@ -5,7 +5,7 @@ setup:
 	scripts/setup.sh
 
 demo: setup
-	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} .venv/bin/atm demo
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} .venv/bin/atm demo $(if $(PROFILE),--profile $(PROFILE))
 
 test:
 	scripts/setup.sh --tests
