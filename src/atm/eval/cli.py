@@ -98,20 +98,36 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _print_summary(metrics: dict) -> None:
-    print(f"{'model':<34} {'n':>6} {'valid':>6} {'bal.acc':>8} {'95% CI':>16} {'acc':>6}")
+    # tok/item: prompt + generated (+ scored) tokens of an item; evald: of those, what the engine
+    # evaluated (the rest came from its prefix cache); s/item: wall time of the model's loop per item
+    print(f"{'model':<34} {'n':>6} {'valid':>6} {'bal.acc':>8} {'95% CI':>16} {'acc':>6} "
+          f"{'tok/item':>8} {'evald':>6} {'s/item':>8}")
     for spec, r in metrics["models"].items():
         ci = (r.get("ci") or {}).get("balanced_accuracy") or [None, None]
         cis = f"[{ci[0]:.3f}, {ci[1]:.3f}]" if ci[0] is not None else ""
         ba = r.get("balanced_accuracy")
         acc = r.get("accuracy")
         rate = r["validity"]["rate"]
+        tok = r.get("tokens") or {}
+        spi = (r.get("speed") or {}).get("s_per_item")
         print(f"{spec:<34} {r['n']:>6} {100 * (rate or 0):>5.1f}% {('n/a' if ba is None else f'{ba:.3f}'):>8} "
-              f"{cis:>16} {('n/a' if acc is None else f'{acc:.3f}'):>6}")
+              f"{cis:>16} {('n/a' if acc is None else f'{acc:.3f}'):>6} {_num(tok.get('per_item')):>8} "
+              f"{_num(tok.get('evaluated')):>6} {_secs(spi):>8}")
     for v in metrics.get("verdicts") or []:
         print(f"verdict: {v}")
     rep = metrics.get("report")
     if rep:
         print(f"report: {rep['md']} and {rep['html']}")
+
+
+def _num(x: float | None) -> str:
+    return "-" if x is None else f"{x:,.0f}"
+
+
+def _secs(x: float | None) -> str:
+    if x is None:
+        return "-"
+    return f"{x:.3f}" if x >= 0.001 else f"{x:.1e}"
 
 
 def cmd_report(args: argparse.Namespace) -> int:

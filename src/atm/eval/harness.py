@@ -357,6 +357,7 @@ def run_eval(models: Sequence[str], suite: SuiteConfig, out: str | Path, *, data
                           "note": note, "status": "running", "describe": provider.describe()})
             manifest["models"][spec] = entry
             rundir.write_manifest(out, manifest)
+            provider.prepare(used_mode)
             t0 = time.monotonic()
             n_new = _predict_into(provider, [m_items[i] for i in todo_idx], [phashes[i] for i in todo_idx],
                                   used_mode, rpath, suite.generation, spec, quiet)
@@ -365,8 +366,12 @@ def run_eval(models: Sequence[str], suite: SuiteConfig, out: str | Path, *, data
                 entry["note"] = "; ".join(x for x in (entry.get("note"), extra_note) if x)
             done = read_results(rpath)
             missing = [i for i in ids if i not in done]
+            wall = time.monotonic() - t0
             entry.update({"status": "done" if not missing else "incomplete", "n_done": len(ids) - len(missing),
-                          "wall_s_last": round(time.monotonic() - t0, 3), "n_new_last": n_new,
+                          "wall_s_last": round(wall, 3), "n_new_last": n_new,
+                          # every run of this directory added up: seconds per item = wall_s / n_timed
+                          "wall_s": round(float(entry.get("wall_s") or 0.0) + wall, 3),
+                          "n_timed": int(entry.get("n_timed") or 0) + n_new,
                           "describe": provider.describe()})
             rundir.write_manifest(out, manifest)
         finally:

@@ -33,7 +33,8 @@ from typing import Any, Iterator, Sequence
 from atm.artifacts import ModelCard
 from atm.constants import ADVICES
 from atm.errors import AtmError, require
-from atm.eval.providers import GenerationSpec, Prediction, Provider
+from atm.eval.providers import GenerationSpec, Prediction, Provider, token_counts
+from atm.runtime.llamacpp import common_prefix
 from atm.prompting.answer import (DEFAULT_ANSWER, answer_pieces, change_pattern, most_likely, probs_from_logliks,
                                   probs_from_top_logprobs)
 
@@ -58,7 +59,8 @@ def _schema(answer_format: str | None = None) -> dict[str, Any]:
     return load_schema(answer_order(answer_format) if answer_format else None)
 
 
-def parsed_prediction(item_id: str, raw: str | None, latency: float, **extra: Any) -> Prediction:
+def parsed_prediction(item_id: str, raw: str | None, latency: float, tokens: dict | None = None,
+                      **extra: Any) -> Prediction:
     """The one path from raw text to a Prediction: the strict shared parser, never a regex."""
     from atm.prompting.advice import parse_advice
 
@@ -68,7 +70,7 @@ def parsed_prediction(item_id: str, raw: str | None, latency: float, **extra: An
     if raw is not None and len(raw) > RAW_KEEP:
         extra["raw_chars"] = len(raw)
     return Prediction(id=item_id, raw=kept, advice=p.advice, predicted_change=p.predicted_change,
-                      valid=p.valid, reason=reason, latency=latency, extra=extra)
+                      valid=p.valid, reason=reason, latency=latency, tokens=tokens, extra=extra)
 
 
 def _answer_format(options: dict[str, Any], entry_template: str | None = None) -> str:
@@ -176,6 +178,9 @@ class OpenAIProvider(_Retrying):
                                     timeout=float(self.gen["timeout"]))
         self._openai = openai
         self.schema = _schema(_answer_format(options))
+        # extra request fields for the server (ATM's own llama-server: cache_prompt, and its GBNF
+        # grammar in place of response_format)
+        self.extra_body = dict(options.get("extra_body") or {})
         self._no_logprobs = False
         self._pieces = answer_pieces(_answer_format(options))
 
@@ -185,13 +190,14 @@ class OpenAIProvider(_Retrying):
         want_lp = mode == "loglik" and not self._no_logprobs
         if want_lp:
             kw.update(logprobs=True, top_logprobs=20)
+        if "grammar" not in self.extra_body:
+            kw["response_format"] = {"type": "json_schema",
+                                     "json_schema": {"name": "advice", "schema": self.schema, "strict": True}}
         t0 = time.perf_counter()
         try:
             resp = self.client.chat.completions.create(
                 model=self.model, messages=_messages(item), temperature=float(self.gen["temperature"]),
-                max_tokens=int(self.gen["max_tokens"]), seed=0,
-                response_format={"type": "json_schema",
-                                 "json_schema": {"name": "advice", "schema": self.schema, "strict": True}}, **kw)
+                max_tokens=int(self.gen["max_tokens"]), seed=0, extra_body=self.extra_body or None, **kw)
         except (o.APITimeoutError, o.APIConnectionError, o.RateLimitError, o.InternalServerError) as exc:
             raise Transient(f"{type(exc).__name__}: {exc}") from None
         except o.APIStatusError as exc:
@@ -206,7 +212,7 @@ class OpenAIProvider(_Retrying):
         extra: dict[str, Any] = {}
         if ch.finish_reason:
             extra["finish_reason"] = ch.finish_reason
-        pred = parsed_prediction(item["id"], raw, lat, **extra)
+        pred = parsed_prediction(item["id"], raw, lat, tokens=openai_tokens(resp), **extra)
         if want_lp:
             lp = getattr(ch, "logprobs", None)
             content = getattr(lp, "content", None) if lp is not None else None
@@ -224,6 +230,32 @@ class OpenAIProvider(_Retrying):
         return {"spec": self.spec, "model": self.model, "base_url": self.base_url,
                 "openai": getattr(self._openai, "__version__", None), "concurrency": self.concurrency,
                 "constraint": "response_format json_schema (prompts/advice.schema.json)"}
+
+
+def openai_tokens(resp: Any) -> dict[str, int | None] | None:
+    """Token counts of an OpenAI-compatible response: ``usage`` (prompt, completion, and the cached
+    prompt tokens of ``prompt_tokens_details`` where the server reports them: OpenAI, vLLM with
+    prompt-token details) and llama-server's ``timings`` (``prompt_n`` tokens evaluated, ``cache_n``
+    taken from its prompt cache, ``predicted_n`` generated)."""
+    usage = getattr(resp, "usage", None)
+    extra = getattr(resp, "model_extra", None) or {}
+    timings = extra.get("timings")
+    prompt = getattr(usage, "prompt_tokens", None)
+    completion = getattr(usage, "completion_tokens", None)
+    details = getattr(usage, "prompt_tokens_details", None)
+    cached = getattr(details, "cached_tokens", None) if details is not None else None
+    prompt_eval = None
+    if isinstance(timings, dict) and timings.get("prompt_n") is not None:
+        prompt_eval = int(timings["prompt_n"])
+        if prompt is None and timings.get("cache_n") is not None:
+            prompt = prompt_eval + int(timings["cache_n"])
+        if completion is None and timings.get("predicted_n") is not None:
+            completion = int(timings["predicted_n"])
+    elif cached is not None and prompt is not None:
+        prompt_eval = int(prompt) - int(cached)
+    if prompt is None and completion is None and prompt_eval is None:
+        return None
+    return token_counts(prompt, prompt_eval, completion)
 
 
 def _token_dict(tok: Any) -> dict[str, Any]:
@@ -265,7 +297,11 @@ class OllamaProvider(_Retrying):
         except (httpx.TimeoutException, httpx.TransportError, ConnectionError) as exc:
             raise Transient(f"{type(exc).__name__}: {exc}") from None
         lat = time.perf_counter() - t0
-        return parsed_prediction(item["id"], resp.message.content, lat)
+        # Ollama's prompt_eval_count is "the number of tokens in the prompt" (what its cache saved
+        # is not reported)
+        prompt, completion = getattr(resp, "prompt_eval_count", None), getattr(resp, "eval_count", None)
+        tokens = token_counts(prompt, None, completion) if prompt is not None or completion is not None else None
+        return parsed_prediction(item["id"], resp.message.content, lat, tokens=tokens)
 
     def describe(self) -> dict[str, Any]:
         return {"spec": self.spec, "host": self.host, "model": self.name, "concurrency": self.concurrency,
@@ -327,8 +363,16 @@ class AtmProvider(_Retrying):
                                    parallel=self.concurrency, ctx_size=self._n_ctx(), threads=self.gen.get("threads"),
                                    threads_batch=False, metrics=False, log_dir=log_dir).start()
         base = self._server.base_url
+        # llama-server's prompt cache: each slot keeps its last prompt's KV and a request reuses the
+        # longest prefix it shares (the prefix every item starts with); cache_prompt says so
+        # explicitly. The grammar is the in-process one (compact JSON in the schema's order): the
+        # server's own json_schema grammar admits whitespace, and the model then pretty-prints
+        # (SmolLM2: ~42 answer tokens instead of ~28).
+        from atm.prompting.llama_schema import answer_gbnf
+
+        body = {"cache_prompt": bool(self.gen.get("prefix_cache", True)), "grammar": answer_gbnf(self.schema)}
         self._delegate = OpenAIProvider(f"openai:{self.entry.ref}@{base}", f"{self.entry.ref}@{base}",
-                                        **{**self.options, "api_key": self._server.api_key})
+                                        **{**self.options, "api_key": self._server.api_key, "extra_body": body})
         self.batch_size = self._delegate.batch_size
 
     def _n_ctx(self) -> int:
@@ -342,7 +386,8 @@ class AtmProvider(_Retrying):
             from atm.runtime.llamacpp import LlamaCppRunner
 
             self._runner = LlamaCppRunner(self.entry.path, n_ctx=self._n_ctx(), threads=self.gen.get("threads"),
-                                          n_batch=512, seed=0, name=self.entry.ref)
+                                          n_batch=512, seed=0, name=self.entry.ref,
+                                          prefix_reuse=bool(self.gen.get("prefix_cache", True)))
             self._grammar = self._runner.grammar(answer_gbnf(self.schema))
             self._change_grammar = self._runner.grammar(change_gbnf(self.schema))
         return self._runner
@@ -358,27 +403,29 @@ class AtmProvider(_Retrying):
             out = runner.chat(msgs, grammar=self._grammar, temperature=float(self.gen["temperature"]),
                               max_tokens=int(self.gen["max_tokens"]), seed=0)
             lat = time.perf_counter() - t0
-        raw = out["choices"][0]["message"]["content"]
-        return parsed_prediction(item["id"], raw, lat, finish_reason=out["choices"][0].get("finish_reason"))
+            st = runner.last
+        return parsed_prediction(item["id"], out.text, lat, finish_reason=out.finish_reason,
+                                 tokens=token_counts(st.prompt, st.prompt_eval, st.completion),
+                                 engine_s=round(st.decode_s, 6))
 
     def prompt_text(self, messages: list[dict[str, str]]) -> tuple[str, bool]:
         """The prompt loglik scores after: ``messages`` under the GGUF's chat template, and whether
         tokenizing it adds bos."""
         return self._load().prompt(messages)
 
-    @staticmethod
-    def _logsoftmax(logits) -> "Any":
-        import numpy as np
-
-        m = logits.max()
-        return logits - (m + np.log(np.exp(logits - m).sum()))
-
     def _loglik(self, item_id: str, msgs: list[dict[str, str]], t0: float) -> Prediction:
-        """Class probabilities from the log-prob of each complete answer continuation.
+        """Class probabilities from the log-prob of each answer continuation.
 
         Everything is tokenized as ONE string (prompt + answer), exactly as in training: tokenizing
         the answer separately would add a spurious word-start token with sentencepiece-style
         vocabularies and merge differently at the boundaries ('NOOP"}' is one token in the tiny model).
+
+        Advice first (``answer_format: advice-first``): nothing is decoded; the options are scored
+        right after ``{"advice": "``, through the token that closes the advice string (what follows
+        is the change, not the advice). Change first: the change is decoded greedily under its
+        grammar, then the options are scored with the rest of the answer (``"}``). The prompt and
+        the answer text before the options are evaluated once (and only past the cached prefix),
+        each option's tokens on top of them (``LlamaCppRunner.score``).
         """
         runner = self._runner
         prompt, add_bos = self.prompt_text(msgs)
@@ -386,52 +433,84 @@ class AtmProvider(_Retrying):
         def tok(text: str) -> list[int]:
             return runner.tokenize(text, add_bos)
 
+        n_prompt = len(tok(prompt))
         pcs = self._pieces
         change = None
         n_gen = 0
+        reused = None
+        decode_s = 0.0
         if pcs["advice_first"]:
             prefix = prompt + pcs["before_advice"]
             tail = pcs["after_advice"]
         else:
             # the change comes first: decode just its digits (grammar = the schema's pattern), greedily
-            ctx = tok(prompt + pcs["before_change"])
-            out = runner.complete(ctx, grammar=self._change_grammar, max_tokens=24, stop=['"'])
-            text = out["choices"][0]["text"]
-            n_gen = int(out["usage"]["completion_tokens"])
+            out = runner.generate(tok(prompt + pcs["before_change"]), grammar=self._change_grammar, max_tokens=24,
+                                  stop=['"'])
+            text = out.text
+            st = runner.last
+            n_gen, reused, decode_s, gen_evaluated = st.completion, st.reused, st.decode_s, st.evaluated
             if not re.fullmatch(change_pattern(self.schema), text):
                 return Prediction(id=item_id, raw=text[:RAW_KEEP], valid=False,
                                   reason=f"bad number: decoded predicted_open_change {text[:40]!r} is not valid",
-                                  latency=time.perf_counter() - t0, extra={"mode": "loglik"})
+                                  latency=time.perf_counter() - t0, extra={"mode": "loglik"},
+                                  tokens=token_counts(n_prompt, n_prompt - st.reused, n_gen))
             change = text
             prefix = prompt + pcs["before_change"] + change + pcs["between"]
             tail = pcs["after_advice"]
-        opts = {a: tok(prefix + a + tail) for a in ADVICES}
-        # score from the longest token prefix shared by all three options
-        first = opts[ADVICES[0]]
-        shared = min(len(v) for v in opts.values())
-        for v in opts.values():
-            k = 0
-            while k < shared and v[k] == first[k]:
-                k += 1
-            shared = k
-        lps: dict[str, float] = {}
-        for a, toks in opts.items():
-            # each step evaluates one new token: the KV cache keeps the prompt and the shared prefix
-            lps[a] = sum(float(self._logsoftmax(runner.next_logits(toks[:j]))[toks[j]])
-                         for j in range(shared, len(toks)))
+        seqs = [tok(prefix + a + tail) for a in ADVICES]
+        shared = seqs[0]
+        start = min(len(s) for s in seqs)
+        for v in seqs[1:]:
+            start = min(start, common_prefix(shared, v))
+        ends = [len(s) for s in seqs]
+        if pcs["advice_first"]:
+            ends = [self._closing_token(runner, s, start, tail) for s in seqs]
+        lp_lists = runner.score(seqs, start, ends, prompt=n_prompt)
+        st = runner.last
+        lps = {a: float(sum(v)) for a, v in zip(ADVICES, lp_lists)}
         probs = probs_from_logliks(lps)
         adv = most_likely(probs)
         raw = self._answer.format(change=change or "0.00000000", advice=adv)
         lat = time.perf_counter() - t0
+        if reused is None:  # advice first: the prompt went through score()
+            tokens = token_counts(n_prompt, st.prompt_eval, 0, st.scored)
+        else:  # the change's decode evaluated the prompt (and the answer's start); score() the options
+            p_eval = max(n_prompt - reused, 0)
+            tokens = token_counts(n_prompt, p_eval, n_gen, max(gen_evaluated + st.evaluated - p_eval - n_gen, 0))
         return Prediction(id=item_id, raw=raw, advice=adv, predicted_change=float(change) if change else None,
-                          probs=probs, valid=True, latency=lat,
+                          probs=probs, valid=True, latency=lat, tokens=tokens,
                           extra={"logprob": lps, "option_mass": float(sum(math.exp(v) for v in lps.values())),
-                                 "decoded_tokens": n_gen, "mode": "loglik"})
+                                 "decoded_tokens": n_gen, "scored_tokens": [e - start for e in ends],
+                                 "engine_s": round(decode_s + st.decode_s, 6), "mode": "loglik"})
+
+    @staticmethod
+    def _closing_token(runner, seq: list[int], start: int, tail: str) -> int:
+        """The end (exclusive) of the tokens through the one holding the advice's closing quote, the
+        first character of ``tail``: token pieces are concatenated bytes of the text after
+        ``start``. Everything when the pieces do not add up (then nothing is cut)."""
+        pieces = [runner.llm.detokenize([t]) for t in seq[start:]]
+        total = sum(len(p) for p in pieces)
+        quote = total - len(tail.encode("utf-8"))  # byte offset of the closing quote in these pieces
+        if not tail or quote < 0 or b"".join(pieces)[quote:] != tail.encode("utf-8"):
+            return len(seq)
+        acc = 0
+        for k, p in enumerate(pieces):
+            acc += len(p)
+            if acc > quote:
+                return start + k + 1
+        return len(seq)
 
     def answer_format(self) -> str:
         return self._answer
 
     # ------------------------------------------------------------ dispatch
+    def prepare(self, mode: str) -> None:
+        """Start the engine this mode uses before the timed loop (a server's start-up is not item time)."""
+        if mode == "generate" and self.concurrency > 1 and self._delegate is None and self._server is None:
+            self._start_server(self.options)
+        elif self.concurrency == 1 or mode == "loglik":
+            self._load()
+
     def predict_iter(self, items: Sequence[dict], mode: str = "generate") -> Iterator[Prediction]:
         # loglik always runs in process: exact option log-probs from the logits (a server only returns
         # top-k logprobs of a generated answer, no faster); --concurrency serves generate mode.
@@ -514,9 +593,28 @@ class HFProvider(_Retrying):
             out = self._model.generate(**enc, max_new_tokens=max_new or int(self.gen["max_tokens"]), do_sample=False,
                                        pad_token_id=self.tok.pad_token_id,
                                        logits_processor=[schema_processor(self.tok, self.schema)])
-        texts = self.tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        new = out[:, enc["input_ids"].shape[1]:]
+        texts = self.tok.batch_decode(new, skip_special_tokens=True)
         lat = (time.perf_counter() - t0) / len(items)
-        return [parsed_prediction(it["id"], txt, lat, batch=len(items)) for it, txt in zip(items, texts)]
+        n_prompt = enc["attention_mask"].sum(dim=1).tolist()
+        n_new = self._generated_lengths(new)
+        # a batch evaluates every prompt whole (no prefix cache across batches)
+        return [parsed_prediction(it["id"], txt, lat, batch=len(items), tokens=token_counts(p, p, c))
+                for it, txt, p, c in zip(items, texts, n_prompt, n_new)]
+
+    def _generated_lengths(self, new) -> list[int]:
+        """Tokens each row generated: up to and including its first eos (the rest is padding)."""
+        eos = self.tok.eos_token_id
+        eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
+        out = []
+        for row in new.tolist():
+            n = len(row)
+            for k, t in enumerate(row):
+                if t in eos_ids:
+                    n = k + 1
+                    break
+            out.append(n)
+        return out
 
     def _loglik(self, items: list[dict]) -> list[Prediction]:
         """Score 'prefix + option + closing quote' for the 3 options in one batched forward pass."""
@@ -525,16 +623,19 @@ class HFProvider(_Retrying):
         pcs = self._pieces
         prompts = self._prompts(items)
         changes: list[str | None] = [None] * len(items)
+        gen_tokens = [0] * len(items)
         if pcs["advice_first"]:
             prefixes = [p + pcs["before_advice"] for p in prompts]
         else:  # the change comes first: decode the answer greedily, take its change (strictly parsed)
             gens = self._generate(items, max_new=int(self.gen["max_tokens"]))
             for k, g in enumerate(gens):
+                gen_tokens[k] = (g.tokens or {}).get("completion") or 0
                 if g.valid and g.raw:
                     m = re.search(change_pattern(_schema()), g.raw)
                     changes[k] = m.group(0) if m else None
             prefixes = [p + pcs["before_change"] + (c or "0.00000000") + pcs["between"] for p, c in zip(prompts, changes)]
         seqs, plen = [], []
+        n_prompts = [len(self.tok(p, add_special_tokens=False)["input_ids"]) for p in prompts]
         for pre in prefixes:
             ids_pre = self.tok(pre, add_special_tokens=False)["input_ids"]
             for a in ADVICES:
@@ -567,8 +668,13 @@ class HFProvider(_Retrying):
             adv = most_likely(probs)
             ch = changes[k]
             raw = self._answer_format.format(change=ch or "0.00000000", advice=adv)
+            # each option is a whole row of the batch: the prompt is evaluated with each of them, so
+            # what is evaluated past the prompt's first pass is counted as scored (nothing is cached)
+            n_prompt = int(n_prompts[k])
+            evaluated = sum(len(seqs[3 * k + j]) for j in range(len(ADVICES)))
+            tokens = token_counts(n_prompt, n_prompt, gen_tokens[k], evaluated - n_prompt)
             out.append(Prediction(id=it["id"], raw=raw, advice=adv, predicted_change=float(ch) if ch else None,
-                                  probs=probs, valid=True, latency=lat,
+                                  probs=probs, valid=True, latency=lat, tokens=tokens,
                                   extra={"logprob": lps, "mode": "loglik", "change_decoded": ch is not None}))
         return out
 

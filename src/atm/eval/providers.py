@@ -32,6 +32,10 @@ class GenerationSpec(AtmConfig):
     backoff: float = Field(0.5, ge=0, description="first retry delay in seconds (doubles each retry)")
     n_ctx: int = Field(4096, ge=256, description="context size for in-process llama.cpp")
     threads: int | None = Field(None, description="CPU threads for in-process engines (None: all cores)")
+    prefix_cache: bool = Field(True, description="reuse the KV cache of the prefix items share (system prompt, "
+                                                 "instruction, k-shot examples: evaluated once per run); false "
+                                                 "evaluates every prompt whole, to measure what reuse saves "
+                                                 "(in process, and llama-server's cache_prompt)")
 
 
 @dataclass
@@ -46,10 +50,25 @@ class Prediction:
     valid: bool = False
     reason: str | None = None  # why invalid (or why the request failed)
     latency: float = 0.0
+    # what the item cost the engine, in tokens (None where the engine does not say):
+    # {"prompt": tokens of the prompt, "prompt_eval": of those, evaluated (the rest came from the
+    #  prefix cache), "completion": tokens generated, "scored": answer tokens scored teacher-forced
+    #  (loglik)}; see TOKEN_KEYS
+    tokens: dict[str, int | None] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+TOKEN_KEYS = ("prompt", "prompt_eval", "completion", "scored")
+
+
+def token_counts(prompt: int | None = None, prompt_eval: int | None = None, completion: int | None = None,
+                 scored: int | None = None) -> dict[str, int | None]:
+    """A Prediction's ``tokens``: every key of TOKEN_KEYS, None where unknown."""
+    vals = (prompt, prompt_eval, completion, scored)
+    return {k: (None if v is None else int(v)) for k, v in zip(TOKEN_KEYS, vals)}
 
 
 class Provider:
@@ -73,6 +92,10 @@ class Provider:
 
     def fit(self, dataset_dir: str, train_items: Sequence[dict]) -> None:  # pragma: no cover - default
         """Train on the dataset's train split (baselines and classic models); LLMs do nothing."""
+
+    def prepare(self, mode: str) -> None:
+        """Start what predicting in ``mode`` needs (load a model, start a server) before the harness
+        times the prediction loop. Default: nothing."""
 
     def predict(self, items: Sequence[dict], mode: str = "generate") -> list[Prediction]:
         raise NotImplementedError

@@ -135,6 +135,45 @@ def _f(x: Any, pct: bool = False) -> str:
     return f"{100 * x:.1f}%" if pct else f"{x:.3f}"
 
 
+def _s_per_item(r: dict[str, Any]) -> str:
+    """Wall seconds per item (the per-request latency for runs that did not record the wall time)."""
+    spi = (r.get("speed") or {}).get("s_per_item")
+    if spi is None and r.get("latency"):
+        spi = r["latency"]["mean_s"]
+    return "n/a" if spi is None else f"{spi:.4f}"
+
+
+def _tok(x: Any) -> str:
+    return "n/a" if x is None else f"{x:,.1f}"
+
+
+def _cost(d: "Doc", models: dict[str, Any]) -> None:
+    """Token cost per item: what decides how many minutes a model can be asked about."""
+    rows = []
+    for spec, r in models.items():
+        t = r.get("tokens") or {}
+        if r.get("kind") != "llm" or not t.get("n"):
+            continue
+        sp = r.get("speed") or {}
+        reused = t.get("reused")
+        rows.append([f"`{spec}`", r.get("mode") or "", _tok(t.get("prompt")),
+                     "n/a" if reused is None else f"{100 * reused:.1f}%", _tok(t.get("prompt_eval")),
+                     _tok(t.get("completion")), _tok(t.get("scored")), _tok(t.get("per_item")),
+                     _tok(t.get("evaluated")), _s_per_item(r),
+                     "n/a" if sp.get("items_per_s") is None else f"{sp['items_per_s']:.3f}"])
+    if not rows:
+        return
+    d.h(3, "Token cost per item")
+    d.table(["model", "mode", "prompt", "from prefix cache", "prompt evaluated", "generated", "scored",
+             "tokens/item", "evaluated/item", "s/item", "items/s"], rows, align="llrrrrrrrrr")
+    d.p("Means per item, as the engine counted them. prompt = tokens of the item's prompt; from prefix cache = "
+        "the share of them the engine reused from the previous item (the system prompt, instruction and k-shot "
+        "examples every item starts with); generated = tokens decoded; scored = answer tokens scored "
+        "teacher-forced (loglik: the advice options); tokens/item = prompt + generated + scored (an engine "
+        "without prefix reuse); evaluated/item = what was evaluated here. s/item = wall time of the model's "
+        "prediction loop per item. Set `generation.prefix_cache=false` to measure the cost without reuse.")
+
+
 def _ci(ci: Sequence[Any] | None) -> str:
     if not ci or ci[0] is None:
         return ""
@@ -346,7 +385,7 @@ def _results(d: Doc, metrics: dict[str, Any], run_dir: Path, bt: dict[str, Any] 
                      (f"{sc['mean_bps']:+.2f}" + (f" [{sc['ci'][0]:+.2f}, {sc['ci'][1]:+.2f}]" if sc.get("ci") and sc["ci"][0] is not None else ""))
                      if "mean_bps" in sc else "n/a",
                      _f(cal.get("brier")), _f(cal.get("ece")),
-                     f"{r['latency']['mean_s']:.4f}" if r.get("latency") else "n/a"])
+                     _s_per_item(r)])
     d.table(head, rows, align="llrrrrrrrrr")
     d.p("score = mean of `atm.prompting.advice.score_advice` per item (the DAPO reward): realized return of "
         "the advice net of fees in basis points, clipped to +-100; invalid answers score -100. "
@@ -355,6 +394,7 @@ def _results(d: Doc, metrics: dict[str, Any], run_dir: Path, bt: dict[str, Any] 
     if notes:
         d.ul(notes)
     _scale_out(d, metrics)
+    _cost(d, models)
 
 
 def _comparisons(d: Doc, metrics: dict[str, Any], run_dir: Path, bt: dict[str, Any] | None,

@@ -322,6 +322,7 @@ def merge_shards(shard_dirs: list[str | Path], out: str | Path) -> Path:
     for spec in specs:
         recs: dict[str, dict[str, Any]] = {}
         per_shard, notes, entry0 = {}, [], None
+        wall, n_timed = 0.0, 0  # the shards' prediction loops added up: s/item as on one machine
         for k, d in enumerate(order, 1):
             e = mans[d]["models"].get(spec)
             if not e:
@@ -335,6 +336,8 @@ def merge_shards(shard_dirs: list[str | Path], out: str | Path) -> Path:
                                 str(d / e["file"]))
             recs.update(got)
             per_shard[f"{k}/{n}"] = {"status": e.get("status"), "n_done": len(got)}
+            wall += float(e.get("wall_s") or 0.0)
+            n_timed += int(e.get("n_timed") or 0)
             if e.get("note") and e["note"] not in notes:
                 notes.append(e["note"])
         if entry0 is None:
@@ -342,7 +345,8 @@ def merge_shards(shard_dirs: list[str | Path], out: str | Path) -> Path:
         done = all(v["status"] == "done" for v in per_shard.values())
         models[spec] = {**entry0, "file": str(predictions_path(out, spec).relative_to(out)),
                         "status": "done" if done else "incomplete", "n_done": len(recs),
-                        "note": "; ".join(notes) or None, "shards": per_shard}
+                        "note": "; ".join(notes) or None, "shards": per_shard,
+                        "wall_s": round(wall, 3), "n_timed": n_timed}
         files[spec] = [recs[i] for i in ids if i in recs]
 
     data = {k: v for k, v in ref["data"].items() if k != "shard"}

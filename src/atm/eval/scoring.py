@@ -75,6 +75,8 @@ def evaluate_run(run_dir: str | Path) -> dict[str, Any]:
             lat = np.array([float(r.get("latency") or 0.0) for r in rlist])
             res["latency"] = {"mean_s": float(lat.mean()), "p50_s": float(np.median(lat)),
                               "p99_s": float(np.percentile(lat, 99)), "total_s": float(lat.sum())}
+            res["tokens"] = token_summary(rlist)
+            res["speed"] = speed_summary(entry, res["latency"])
             res["score"] = _score(rlist, truth.iloc[idx], boot)
             if change_col:
                 res["change"] = M.change_metrics([r.get("predicted_change") if r.get("valid") else None for r in rlist],
@@ -124,6 +126,50 @@ def endpoint_counts(records: Sequence[dict]) -> dict[str, dict[str, int]]:
         c = out.setdefault(r.get("endpoint") or "none", {"items": 0, "failed": 0})
         c["items"] += 1
         c["failed"] += int(bool(r.get("failed")))
+    return out
+
+
+def token_summary(rlist: list[dict]) -> dict[str, Any]:
+    """Tokens per item, from the per-item ``tokens`` the providers record (atm.eval.providers):
+    the mean of each count over the items that have it, and the two totals a user plans with:
+    ``per_item`` = prompt + completion + scored (what an item costs an engine without prefix
+    reuse) and ``evaluated`` = prompt_eval + completion + scored (what it cost here). ``reused`` is
+    the share of prompt tokens that came from the prefix cache."""
+    from atm.eval.providers import TOKEN_KEYS
+
+    toks = [r["tokens"] for r in rlist if isinstance(r.get("tokens"), dict)]
+    out: dict[str, Any] = {"n": len(toks)}
+    if not toks:
+        out["note"] = "the engine reported no token counts"
+        return out
+    for k in TOKEN_KEYS:
+        vals = [t[k] for t in toks if t.get(k) is not None]
+        out[k] = sum(vals) / len(vals) if vals else None
+    both = [t for t in toks if t.get("prompt") is not None and t.get("prompt_eval") is not None]
+    p_sum = sum(t["prompt"] for t in both)
+    out["reused"] = (1 - sum(t["prompt_eval"] for t in both) / p_sum) if p_sum else None
+
+    def total(first: str) -> float | None:
+        if out.get(first) is None:
+            return None
+        return out[first] + (out.get("completion") or 0.0) + (out.get("scored") or 0.0)
+
+    out["per_item"] = total("prompt")
+    out["evaluated"] = total("prompt_eval")
+    return out
+
+
+def speed_summary(entry: dict[str, Any], latency: dict[str, float]) -> dict[str, Any]:
+    """Seconds per item: the wall time of the model's prediction loops over the items they
+    answered (every run of a resumed directory added up; with --concurrency > 1 below the
+    per-request latency), and the mean per-request latency."""
+    wall, n = entry.get("wall_s"), entry.get("n_timed")
+    out: dict[str, Any] = {"latency_s": latency.get("mean_s")}
+    if wall is not None and n:
+        out.update({"s_per_item": float(wall) / int(n), "items_per_s": int(n) / float(wall) if wall else None,
+                    "wall_s": float(wall), "n_timed": int(n)})
+    else:  # a run directory from before the wall time was recorded: the latency is all there is
+        out.update({"s_per_item": latency.get("mean_s"), "items_per_s": None, "wall_s": None, "n_timed": None})
     return out
 
 
