@@ -218,6 +218,10 @@ def test_two_shards_merged_equal_one_run_and_a_killed_shard_resumes(tiny_gguf, s
         for x, y in zip(ra, rb):
             assert {k: x.get(k) for k in ITEM_FIELDS} == {k: y.get(k) for k in ITEM_FIELDS}, (spec, x["id"])
     assert got["verdicts"] == ref["verdicts"]
+    # s/item adds up the shards' timed loops (the killed run's time never reached its manifest)
+    sp = got["models"]["atm:q8"]["speed"]
+    assert sp["n_timed"] == n_items - kept and sp["s_per_item"] == pytest.approx(sp["wall_s"] / sp["n_timed"])
+    assert got["models"]["atm:q8"]["tokens"]["n"] == n_items
     md = (merged / "report.md").read_text()
     assert "Merged from 2 shards" in md and "q8-shard2of2" in md
 
