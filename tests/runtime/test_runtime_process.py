@@ -9,6 +9,7 @@ import os
 import signal
 import sys
 import textwrap
+import time
 
 import httpx
 import pytest
@@ -96,3 +97,41 @@ def test_supervisor_restarts_with_a_new_port_and_key(script, tmp_path):
     assert second[1] != first[1] and second[2] not in (None, first[2])  # a new key, a new process
     assert ok == 200 and rc is not None  # the new one answers with its key; stop() ended it
     assert events[0][0] == "restarting" and "exited with code" in events[0][1] and events[-1] == ("ready", None)
+
+
+# a server of several processes, as vLLM's (API server, engine core, worker): its helper ignores
+# SIGTERM and outlives its leader unless ATM reaps the group
+FAMILY = textwrap.dedent(r'''
+    import os, signal, subprocess, sys
+    helper = subprocess.Popen([sys.executable, "-c",
+                               "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)"])
+    open(sys.argv[2], "w").write(str(helper.pid))
+    exec(open(sys.argv[3]).read().replace("int(sys.argv[1])", sys.argv[1]))
+''')
+
+
+@pytest.mark.parametrize("how", ["leader killed", "stopped"])
+def test_no_process_of_the_group_outlives_the_engine(script, tmp_path, how):
+    fam = tmp_path / "family.py"
+    fam.write_text(FAMILY)
+    helper_file = tmp_path / "helper.pid"
+    p = EngineProcess("fake", "m", lambda port: [sys.executable, str(fam), str(port), str(helper_file), str(script)],
+                      key_env="TEST_ENGINE_KEY", log_dir=tmp_path)
+    p.spawn()
+    try:
+        p.wait_healthy_sync(20)
+        helper = int(helper_file.read_text())
+        assert os.getpgid(helper) == p.proc.pid
+        if how == "leader killed":
+            os.kill(p.proc.pid, signal.SIGKILL)  # as a crash: the helper would stay
+            p.proc.wait(10)
+            os.kill(helper, 0)  # still there, until reaped
+            p.reap_group(grace=0.5)
+        else:
+            p.kill(timeout=2)  # SIGTERM to the group: the helper ignores it
+    finally:
+        p.kill(timeout=2)
+    with pytest.raises(ProcessLookupError):
+        for _ in range(50):  # SIGKILL is delivered at once; the zombie is reaped by init shortly
+            os.killpg(p.proc.pid, 0)
+            time.sleep(0.1)

@@ -90,6 +90,32 @@ def test_completion(oai):
     assert 0 < out.usage.completion_tokens <= 8
 
 
+def test_completion_token_ids_and_prompt_lists(oai, tiny_merged):
+    """OpenAI's prompt forms on llama-server: token ids answer as the same text does; a list of
+    texts or of token-id lists gets one choice per prompt, in order (usage summed), streamed too."""
+    from tokenizers import Tokenizer
+
+    texts = ["<|user|>hello<|assistant|>", "<|user|>advise<|assistant|>"]
+    kw = dict(model="atm:q8", max_tokens=8, temperature=0)
+    single = [oai.completions.create(prompt=t, **kw) for t in texts]
+    tok = Tokenizer.from_file(str(tiny_merged / "tokenizer.json"))
+    bos = json.loads((tiny_merged / "config.json").read_text())["bos_token_id"]
+    ids = []
+    for t, s in zip(texts, single):  # as llama-server tokenizes a text prompt (bos first or not)
+        x = tok.encode(t).ids
+        ids.append([bos] + x if s.usage.prompt_tokens == len(x) + 1 else x)
+        assert len(ids[-1]) == s.usage.prompt_tokens
+    one = oai.completions.create(prompt=ids[0], **kw)
+    assert one.choices[0].text == single[0].choices[0].text
+    for prompt in (texts, ids):
+        out = oai.completions.create(prompt=prompt, **kw)
+        assert [(c.index, c.text) for c in out.choices] == [(i, s.choices[0].text) for i, s in enumerate(single)]
+        assert out.usage.completion_tokens == sum(s.usage.completion_tokens for s in single)
+    chunks = list(oai.completions.create(prompt=ids, stream=True, **kw))
+    for i, s in enumerate(single):
+        assert "".join(c.choices[0].text for c in chunks if c.choices and c.choices[0].index == i) == s.choices[0].text
+
+
 def test_chat_streaming_matches_non_streaming(oai):
     kw = dict(model="atm:q8", messages=MSG, max_tokens=16, temperature=0, seed=1)
     full = oai.chat.completions.create(**kw).choices[0].message.content

@@ -109,6 +109,13 @@ def test_remote_engine_proxies_openai_and_ollama(tiny_gguf, atm_home, tmp_path):
             # the upstream's errors come back as errors, not hangs
             direct = client.chat.completions.create(model="via-openai", messages=MSG, max_tokens=3)
             assert direct.choices[0].message.content is not None
+            # token-id prompts: an OpenAI upstream takes them, Ollama's API cannot (a clear 400);
+            # a list of text prompts works on both (one upstream request per prompt)
+            assert client.completions.create(model="via-openai", prompt=[[1, 5, 6]], max_tokens=2).choices
+            with pytest.raises(openai.BadRequestError, match="cannot take a prompt given as token ids"):
+                client.completions.create(model="via-ollama", prompt=[1, 5, 6], max_tokens=2)
+            two = client.completions.create(model="via-ollama", prompt=["a", "b"], max_tokens=2)
+            assert [c.index for c in two.choices] == [0, 1]
 
 
 def test_engine_process_needs_its_own_key(tiny_gguf, atm_home, tmp_path):

@@ -216,3 +216,85 @@ def test_klines_frame_checks_bars_as_the_build_does():
     assert df["open_time"].is_monotonic_increasing and len(df) == 6
     (item,) = repairs.as_list()
     assert item["kind"] == "rows_reordered" and item["count"] == 2 and item["where"] == ["klines[2]", "klines[4]"]
+def test_xgrammar_schema_drops_only_the_length_bounds_the_pattern_implies():
+    """vLLM's xgrammar refuses a pattern with length bounds: the bounds a pattern implies go (the
+    same strings admitted), others stay; deep, and a copy."""
+    from atm.prompting.advice import load_schema
+    from atm.prompting.xgrammar_schema import regex_width, xgrammar_safe_schema
+
+    schema = load_schema()
+    out = xgrammar_safe_schema(schema)
+    change = out["properties"]["predicted_open_change"]
+    assert "minLength" not in change and "maxLength" not in change and change["pattern"]
+    assert "minLength" in schema["properties"]["predicted_open_change"]  # the original untouched
+    assert regex_width(change["pattern"]) == (10, 20)
+    assert xgrammar_safe_schema({"type": "string", "pattern": "a+", "minLength": 1, "maxLength": 5}) == {
+        "type": "string", "pattern": "a+", "maxLength": 5}  # a+ is unbounded: maxLength means something
+    assert xgrammar_safe_schema({"type": "string", "pattern": "ab?", "minLength": 2}) == {
+        "type": "string", "pattern": "ab?", "minLength": 2}
+
+
+class _Eng:
+    name, kind = "m", "remote"
+
+    def __init__(self, token_prompts):
+        from atm.serve.engines import Capabilities
+
+        self.capabilities = Capabilities(token_prompts=token_prompts)
+
+
+def test_completion_prompt_forms():
+    from atm.serve.api.errors import ApiError
+    from atm.serve.api.prompts import completion_prompts
+
+    yes, no = _Eng(True), _Eng(False)
+    assert completion_prompts("hi", no) == ["hi"]
+    assert completion_prompts(["a", "b"], no) == ["a", "b"]
+    assert completion_prompts([1, 2], yes) == [[1, 2]]
+    assert completion_prompts([[1], [2, 3]], yes) == [[1], [2, 3]]
+    for bad, eng, msg in (([], yes, "empty list"), ([[]], yes, "empty list of token ids"),
+                          ([1, 2], no, "cannot take a prompt given as token ids"),
+                          (["a"] * 257, yes, "at most 256")):
+        with pytest.raises(ApiError, match=msg) as exc:
+            completion_prompts(bad, eng)
+        assert exc.value.status == 400
+
+
+def test_prompt_lists_merge_in_order_and_sum_usage():
+    import asyncio
+
+    from atm.serve.api.prompts import gather_completions, merged_stream
+    from atm.serve.engines import EngineError, EngineRequest
+
+    async def call(req):
+        await asyncio.sleep(0.01 * (3 - len(req.prompt)))  # later prompts finish first
+        if req.prompt == "boom":
+            raise EngineError("bad", 400)
+        return {"id": "x", "object": "text_completion", "choices": [{"index": 0, "text": req.prompt.upper()}],
+                "usage": {"prompt_tokens": len(req.prompt), "completion_tokens": 1, "total_tokens": len(req.prompt) + 1}}
+
+    async def stream(req):
+        async def gen():
+            for ch in req.prompt:
+                await asyncio.sleep(0.001)
+                yield {"id": "x", "choices": [{"index": 0, "text": ch}]}
+            yield {"id": "x", "choices": [], "usage": {"prompt_tokens": 1, "completion_tokens": len(req.prompt),
+                                                       "total_tokens": 1 + len(req.prompt)}}
+        return gen()
+
+    reqs = [EngineRequest(model="m", prompt=p) for p in ("a", "bb", "ccc")]
+    out = asyncio.run(gather_completions(call, reqs, limit=2))
+    assert [(c["index"], c["text"]) for c in out["choices"]] == [(0, "A"), (1, "BB"), (2, "CCC")]
+    assert out["usage"] == {"prompt_tokens": 6, "completion_tokens": 3, "total_tokens": 9}
+    with pytest.raises(EngineError):
+        asyncio.run(gather_completions(call, reqs + [EngineRequest(model="m", prompt="boom")], limit=2))
+
+    async def collect():
+        return [c async for c in await merged_stream(stream, reqs)]
+
+    chunks = asyncio.run(collect())
+    texts = {i: "".join(c["choices"][0]["text"] for c in chunks if c["choices"] and c["choices"][0]["index"] == i)
+             for i in range(3)}
+    assert texts == {0: "a", 1: "bb", 2: "ccc"}
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 6
+    assert sum(1 for c in chunks if c.get("usage")) == 1

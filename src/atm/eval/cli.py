@@ -13,9 +13,10 @@ RUN_EPILOG = """examples:
   atm-eval run --model hf:runs/sft-merged --data datasets/build/btc-seed --split verify --limit 200
   atm-eval run --model openai:atm@http://gpu0:8000/v1,http://gpu1:8000/v1 --concurrency 16   # fan-out
   atm-eval run --model atm:q8 --shard 2/4 --out runs/eval/q8-shard2of4   # this machine's quarter
+  atm-eval run --model vllm:runs/sft-merged --concurrency 8   # vLLM launched for the run (atm doctor --vllm)
 rerun the same command after an interruption: finished items are kept, the rest are asked.
 --concurrency is per endpoint; `atm-eval report SHARD_DIRS... --out DIR` merges shards into one run.
-model forms: atm:TAG | openai:MODEL@BASE_URL[,BASE_URL...] | ollama:NAME | hf:PATH |
+model forms: atm:TAG | openai:MODEL@BASE_URL[,BASE_URL...] | ollama:NAME | hf:PATH | vllm:DIR |
              baseline:random|majority|prior|momentum|persistence | classic:logreg|lgbm|cnn|lstm[@RUN]"""
 
 REPORT_EPILOG = """examples:

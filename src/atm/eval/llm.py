@@ -37,6 +37,7 @@ from atm.eval.providers import GenerationSpec, Prediction, Provider, token_count
 from atm.runtime.llamacpp import common_prefix
 from atm.prompting.answer import (DEFAULT_ANSWER, answer_pieces, change_pattern, most_likely, probs_from_logliks,
                                   probs_from_top_logprobs)
+from atm.prompting.xgrammar_schema import xgrammar_safe_schema
 
 RAW_KEEP = 4000  # characters of a raw answer kept in the results file (a rambling model can't bloat it)
 
@@ -164,7 +165,9 @@ def split_openai(arg: str) -> tuple[str, str]:
 
 
 class OpenAIProvider(_Retrying):
-    """``openai:MODEL@BASE_URL``: any OpenAI-compatible server (ATM's, llama-server, vLLM)."""
+    """``openai:MODEL@BASE_URL``: any OpenAI-compatible server (ATM's, llama-server, vLLM). The
+    schema is sent without the length bounds its patterns imply (same answers; a bare vLLM's
+    xgrammar refuses a pattern with length bounds)."""
 
     supports_loglik = True  # through logprobs when the server returns them; else falls back
 
@@ -192,7 +195,8 @@ class OpenAIProvider(_Retrying):
             kw.update(logprobs=True, top_logprobs=20)
         if "grammar" not in self.extra_body:
             kw["response_format"] = {"type": "json_schema",
-                                     "json_schema": {"name": "advice", "schema": self.schema, "strict": True}}
+                                     "json_schema": {"name": "advice", "schema": xgrammar_safe_schema(self.schema),
+                                                     "strict": True}}
         t0 = time.perf_counter()
         try:
             resp = self.client.chat.completions.create(

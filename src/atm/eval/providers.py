@@ -1,7 +1,7 @@
 """Providers: one small interface behind every ``--model`` spec, resolved through a lazy registry.
 
 ``--model`` takes ``PREFIX:REST`` (``atm:q8``, ``openai:MODEL@BASE_URL``, ``ollama:NAME``, ``hf:PATH``,
-``baseline:majority``, ``classic:lgbm[@runs/classic/X]``). The registry maps a prefix to
+``vllm:DIR``, ``baseline:majority``, ``classic:lgbm[@runs/classic/X]``). The registry maps a prefix to
 ``"module:Class"`` and imports the module only when that prefix is used, so evaluating baselines
 never imports torch or llama.cpp (the lm-eval style).
 
@@ -122,6 +122,7 @@ REGISTRY: dict[str, str] = {
     "openai": "atm.eval.llm:OpenAIProvider",
     "ollama": "atm.eval.llm:OllamaProvider",
     "hf": "atm.eval.llm:HFProvider",
+    "vllm": "atm.eval.vllm:VLLMProvider",
     "baseline": "atm.eval.baselines:BaselineProvider",
     "classic": "atm.eval.classic.provider:ClassicProvider",
 }
@@ -135,6 +136,7 @@ VALID_FORMS = (
     "openai:MODEL@BASE_URL (any OpenAI-compatible server; MODEL@URL1,URL2 fans out over several)",
     "ollama:NAME (an Ollama server at OLLAMA_HOST)",
     "hf:PATH (a Hugging Face model dir or hub id, transformers)",
+    "vllm:DIR (an HF model dir served by vLLM for the run; `atm doctor --vllm` makes a CPU vLLM)",
     "baseline:random|majority|prior|momentum|persistence",
     "classic:logreg|lgbm|cnn|lstm[@RUN_DIR]",
 )

@@ -112,6 +112,7 @@ class EngineProcess:
         with httpx.Client(base_url=self.url, headers=self.headers, trust_env=False) as client:
             while True:
                 if self.returncode is not None:
+                    self.kill()  # what it left of its process group
                     raise self._not_started(timeout, exited=True)
                 with contextlib.suppress(httpx.HTTPError):
                     if client.get(self.health_path, timeout=2.0).status_code == 200:
@@ -128,6 +129,7 @@ class EngineProcess:
         async with httpx.AsyncClient(base_url=self.url, headers=self.headers, trust_env=False) as client:
             while True:
                 if self.returncode is not None:
+                    await self.akill()  # what it left of its process group
                     raise self._not_started(timeout, exited=True)
                 with contextlib.suppress(httpx.HTTPError):
                     if (await client.get(self.health_path, timeout=2.0)).status_code == 200:
@@ -155,21 +157,43 @@ class EngineProcess:
         return await fut
 
     def kill(self, timeout: float = 10.0) -> None:
-        """SIGTERM to the process group, SIGKILL after ``timeout`` s."""
+        """SIGTERM to the process group, SIGKILL after ``timeout`` s (then to what is left of the
+        group too: a server of several processes, as vLLM's, must not leave one behind)."""
         proc = self.proc
-        if proc is None or proc.poll() is not None:
+        if proc is None:
             return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
+        if proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+                os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        self.reap_group(grace=timeout)
+
+    def reap_group(self, grace: float = 5.0) -> None:
+        """After the leader exited: give the rest of its process group ``grace`` s to exit (vLLM's
+        engine and worker processes stop by themselves when their API server goes), then SIGKILL
+        what is left, so a dead engine never keeps a port, memory or a GPU."""
+        proc = self.proc
+        if proc is None or proc.poll() is None:
+            return
+        deadline = time.monotonic() + grace
+        while True:
+            try:
+                os.killpg(proc.pid, 0)  # anyone left in the group?
+            except (ProcessLookupError, PermissionError):
+                return
+            if time.monotonic() > deadline:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                return
+            time.sleep(0.1)
 
     async def akill(self, timeout: float = 10.0) -> None:
-        if self.proc is not None and self.proc.poll() is None:
+        if self.proc is not None:
             await asyncio.to_thread(self.kill, timeout)
 
     def log_tail(self, n: int = 20) -> str:

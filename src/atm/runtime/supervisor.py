@@ -56,6 +56,7 @@ class Supervisor:
             rc = await p.wait_exit()
             if self._stopping:
                 return
+            await asyncio.to_thread(p.reap_group)  # what the dead leader left of its group
             now = time.monotonic()
             self._deaths = [t for t in self._deaths if now - t < self.restart_window] + [now]
             self.on_change("restarting", f"{p.kind} exited with code {rc}")

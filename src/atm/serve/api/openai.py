@@ -11,6 +11,7 @@ from starlette.responses import Response
 from atm.serve.api.deps import (ServeState, apply_format, chat_messages, check_max_tokens, check_schema,
                                 get_served, read_request, run_engine, sampling, serve_state)
 from atm.serve.api.errors import ApiError, dumps
+from atm.serve.api.prompts import completion_prompts, gather_completions, merged_stream
 from atm.serve.api.protocol import ChatCompletionRequest, CompletionRequest
 from atm.serve.api.streaming import open_stream, sse
 from atm.serve.engines import EngineRequest
@@ -71,23 +72,30 @@ async def chat_completions(request: Request, st: ServeState = Depends(serve_stat
 async def completions(request: Request, st: ServeState = Depends(serve_state)):
     t0 = time.perf_counter()
     req, m = await read_request(request, st, CompletionRequest)
-    prompt = req.prompt
-    if isinstance(prompt, list):
-        if len(prompt) != 1:
-            raise ApiError(400, "send one prompt per request (a string or a list of one string)", param="prompt")
-        prompt = prompt[0]
+    prompts = completion_prompts(req.prompt, m.engine)
     if req.echo:
         raise ApiError(400, "echo is not supported", param="echo")
     if req.suffix:
         raise ApiError(400, "suffix (fill-in-the-middle) is not supported", param="suffix")
-    fields: dict[str, Any] = {"model": m.name, "prompt": prompt, "max_tokens": check_max_tokens(st, m, req.max_tokens)}
+    fields: dict[str, Any] = {"model": m.name, "max_tokens": check_max_tokens(st, m, req.max_tokens)}
     sampling(req, fields)
     apply_format(req.response_format, fields)
     if req.json_schema is not None and "json_schema" not in fields:
         fields["json_schema"] = check_schema(req.json_schema, "json_schema")
     if req.logprobs is not None:
         fields["logprobs"] = req.logprobs
+    if req.stream and req.stream_options:
+        fields["stream_options"] = req.stream_options
+    ereqs = [EngineRequest(prompt=p, **fields) for p in prompts]
+    if len(ereqs) == 1:
+        stream_call, call = m.engine.completion_stream, m.engine.completion
+    else:  # one engine request per prompt, one answer (atm.serve.api.prompts)
+        def stream_call(_):
+            return merged_stream(m.engine.completion_stream, ereqs)
+
+        def call(_):
+            return gather_completions(m.engine.completion, ereqs, m.engine.parallel)
     if req.stream:
-        stream, adm = await open_stream(m, m.engine.completion_stream, EngineRequest(**fields))
+        stream, adm = await open_stream(m, stream_call, ereqs[0])
         return sse(st.metrics, m, stream, adm, t0)
-    return await _json_reply(request, st, m, m.engine.completion, EngineRequest(**fields), "/v1/completions")
+    return await _json_reply(request, st, m, call, ereqs[0], "/v1/completions")

@@ -5,7 +5,7 @@ one body reader: size-limited (413), parsed strictly (malformed JSON, wrong type
 from __future__ import annotations
 
 import re
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -69,8 +69,13 @@ class ChatCompletionRequest(SamplingRequest):
     tool_choice: Any = None
 
 
+TokenIds = list[Annotated[int, Field(ge=0)]]
+
+
 class CompletionRequest(SamplingRequest):
-    prompt: Union[str, list[str]]
+    # OpenAI's four forms (vLLM and llama-server take them too): text, texts, token ids, lists of
+    # token ids. lm-eval's local-completions sends token ids by default.
+    prompt: Union[str, list[str], TokenIds, list[TokenIds]]
     max_tokens: int | None = Field(default=16, ge=1)  # OpenAI's default for completions
     logprobs: int | None = Field(default=None, ge=0, le=20)
     echo: bool | None = None

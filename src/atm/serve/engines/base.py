@@ -57,7 +57,9 @@ class EngineRequest:
     """One generation request, already validated by the API layer.
 
     A chat request has ``messages`` (``[{"role", "content"}]``, roles system/user/assistant), a
-    completion request ``prompt`` (raw text, no chat template). ``None`` means "the engine's
+    completion request ``prompt``: raw text (no chat template), or token ids of the model's
+    vocabulary for engines whose ``capabilities.token_prompts`` say so (one prompt per request:
+    the API layer fans a list of prompts out). ``None`` means "the engine's
     default". ``json_schema`` is a plain JSON Schema the answer must satisfy; ``json_object``
     asks for any JSON object. ``logprobs``: chat: ``True`` with ``top_logprobs`` alternatives per
     token; completion: the number of alternatives (OpenAI's completions convention).
@@ -65,7 +67,7 @@ class EngineRequest:
 
     model: str
     messages: list[dict[str, str]] | None = None
-    prompt: str | None = None
+    prompt: str | list[int] | None = None
     max_tokens: int | None = None
     temperature: float | None = None
     top_p: float | None = None
@@ -113,6 +115,7 @@ class Capabilities:
     json_schema: bool = True  # enforces json_schema / json_object while decoding
     logprobs: bool = False  # returns token log-probs (with alternatives) when asked
     class_probs: bool = False  # implements Engine.class_probs: exact P(class) after a prefix
+    token_prompts: bool = False  # a completion prompt may be token ids (OpenAI's prompt: [ids])
 
 
 class Engine(abc.ABC):

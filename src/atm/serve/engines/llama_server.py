@@ -26,7 +26,7 @@ class LlamaServerEngine(ManagedProcessEngine):
     """llama.cpp's ``llama-server`` on one GGUF (one process per served model)."""
 
     kind = "llama-server"
-    capabilities = Capabilities(logprobs=True, class_probs=True)
+    capabilities = Capabilities(logprobs=True, class_probs=True, token_prompts=True)
     key_env = llama_server.KEY_ENV
 
     def __init__(self, name: str, gguf: str | Path, *, ctx_size: int = 2048, threads: int | None = None,

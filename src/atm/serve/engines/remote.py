@@ -27,7 +27,8 @@ class RemoteEngine(OpenAIUpstreamEngine):
         self.url = url.rstrip("/")
         self.api = api
         self.api_key = api_key or os.environ.get("ATM_UPSTREAM_API_KEY")
-        self.capabilities = Capabilities(logprobs=api == "openai")
+        # an OpenAI upstream takes token-id prompts (or answers 4xx itself); Ollama's API cannot
+        self.capabilities = Capabilities(logprobs=api == "openai", token_prompts=api == "openai")
 
     @classmethod
     def from_settings(cls, spec: Any, settings: Any, path: Any) -> "RemoteEngine":

