@@ -3,9 +3,6 @@
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -52,38 +49,22 @@ def test_task_scorer_is_the_shared_one(sample_dataset):
 
 @pytest.mark.slow
 def test_lm_eval_cli_against_atm_serve_agrees_with_atm_eval(tiny_merged, sample_dataset, tmp_path):
-    from atm.eval.harness import load_suite, run_eval
-    from atm.eval.rundir import read_results
     from atm.runtime import free_port
     from atm.serve.testing import ServerProcess
+    from lm_eval_agreement import lm_eval_and_atm_eval
 
     port = free_port()
     srv = ServerProcess(["--model", f"tiny={tiny_merged}", "--engine", "transformers", "--parallel", "1"], port,
                         log=tmp_path / "serve.log")
     try:
         srv.wait_ready(180)
-        n = 8
-        out = tmp_path / "lmeval"
-        p = subprocess.run(
-            [sys.executable, "-m", "lm_eval", "run", "--model", "local-chat-completions",
-             "--include_path", str(ROOT / "eval" / "lm_eval_tasks"), "--tasks", "atm_advice",
-             "--model_args", f"model=tiny,base_url=http://127.0.0.1:{port}/v1/chat/completions,num_concurrent=1,max_retries=3",
-             "--apply_chat_template", "--limit", str(n), "--log_samples", "--output_path", str(out),
-             "--metadata", json.dumps({"data": str(sample_dataset)})],
-            capture_output=True, text=True, cwd=ROOT, timeout=900, env={**os.environ, "ATM_NO_PROGRESS": "1"})
-        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-        assert "atm_advice" in p.stdout and "balanced_acc" in p.stdout
-        samples = [json.loads(x) for f in out.rglob("samples_atm_advice_*.jsonl") for x in f.read_text().splitlines()]
-        assert len(samples) == n
-        spec = f"openai:tiny@http://127.0.0.1:{port}/v1"
-        run_eval([spec], load_suite(None, ["metrics.n_boot=100"]), tmp_path / "ae", data=str(sample_dataset),
-                 limit=n, with_baselines=False, quiet=True)
-        man = json.loads((tmp_path / "ae" / "manifest.json").read_text())
-        recs = read_results(tmp_path / "ae" / man["models"][spec]["file"])
+        pairs = lm_eval_and_atm_eval(
+            "local-chat-completions",
+            f"model=tiny,base_url=http://127.0.0.1:{port}/v1/chat/completions,num_concurrent=1,max_retries=3",
+            f"openai:tiny@http://127.0.0.1:{port}/v1", sample_dataset, 8, tmp_path)
     finally:
         srv.stop()
-    for s in samples:
-        r = recs[s["doc"]["id"]]
+    for s, r in pairs:
         assert s["filtered_resps"][0] == r["raw"], (s["filtered_resps"], r["raw"])  # same prompt, same answer
         assert s["acc"] == int(bool(r["valid"]) and r["advice"] == s["doc"]["label"])
         assert s["valid"] == int(bool(r["valid"]))

@@ -13,8 +13,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -29,7 +27,6 @@ from bad_requests import CTX, LIMIT, check_bad_request, corpus
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 
-ROOT = Path(__file__).resolve().parents[2]
 NAME = "tiny-vllm"
 
 
@@ -197,31 +194,14 @@ def test_lm_eval_local_completions_token_ids_agree_with_atm_eval(vserver, tiny_m
     """lm-eval's `local-completions` (the chat template applied by lm-eval, prompts sent as token
     ids: its default) and atm-eval's `openai:` provider (chat) through `atm serve --engine vllm`:
     the same prompt tokens, so the same greedy answers, item for item."""
-    from atm.eval.harness import load_suite, run_eval
-    from atm.eval.rundir import read_results
+    from lm_eval_agreement import lm_eval_and_atm_eval
 
-    n = 6
-    out = tmp_path / "lmeval"
-    url = f"{vserver.url}/v1/completions"
-    p = subprocess.run(
-        [sys.executable, "-m", "lm_eval", "run", "--model", "local-completions",
-         "--include_path", str(ROOT / "eval" / "lm_eval_tasks"), "--tasks", "atm_advice",
-         "--model_args", f"model={NAME},base_url={url},tokenizer={tiny_merged},num_concurrent=2,max_retries=3",
-         "--apply_chat_template", "--limit", str(n), "--log_samples", "--output_path", str(out),
-         "--metadata", json.dumps({"data": str(sample_dataset)})],
-        capture_output=True, text=True, cwd=ROOT, timeout=900, env={**os.environ, "ATM_NO_PROGRESS": "1"})
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    assert "atm_advice" in p.stdout and "balanced_acc" in p.stdout
-    samples = [json.loads(x) for f in out.rglob("samples_atm_advice_*.jsonl") for x in f.read_text().splitlines()]
-    assert len(samples) == n
-    spec = f"openai:{NAME}@{vserver.url}/v1"
-    run_eval([spec], load_suite(None, ["metrics.n_boot=100"]), tmp_path / "ae", data=str(sample_dataset),
-             limit=n, with_baselines=False, quiet=True)
-    man = json.loads((tmp_path / "ae" / "manifest.json").read_text())
-    recs = read_results(tmp_path / "ae" / man["models"][spec]["file"])
-    assert all(r["valid"] for r in recs.values())
-    for s in samples:
-        r = recs[s["doc"]["id"]]
+    pairs = lm_eval_and_atm_eval(
+        "local-completions",
+        f"model={NAME},base_url={vserver.url}/v1/completions,tokenizer={tiny_merged},num_concurrent=2,max_retries=3",
+        f"openai:{NAME}@{vserver.url}/v1", sample_dataset, 6, tmp_path)
+    for s, r in pairs:
+        assert r["valid"]
         assert s["filtered_resps"][0] == r["raw"], (s["filtered_resps"], r["raw"])
         assert s["valid"] == 1 and s["acc"] == int(r["advice"] == s["doc"]["label"])
 

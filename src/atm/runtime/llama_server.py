@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-from atm.runtime.process import EngineProcess
+from atm.runtime.process import EngineProcess, StartedServer
 
 
 def binary() -> Path:
@@ -51,7 +51,7 @@ def command(gguf: str | Path, *, port: int, alias: str, parallel: int = 1,
     return cmd + list(extra_args)
 
 
-class LlamaServer:
+class LlamaServer(StartedServer):
     """A llama-server started for synchronous callers; stopped on ``close()`` / leaving ``with``.
 
     Keyword arguments are ``command()``'s (``alias``, ``parallel``, ``ctx_size``, ``threads`` ...).
@@ -67,37 +67,3 @@ class LlamaServer:
             "llama-server", name or command_kw["alias"],
             lambda port: command(self.gguf, port=port, exe=exe, **command_kw),
             key_env=KEY_ENV, log_dir=log_dir)
-
-    def start(self) -> "LlamaServer":
-        self.process.spawn()
-        self.process.wait_healthy_sync(self.startup_timeout)
-        return self
-
-    @property
-    def url(self) -> str:
-        return self.process.url
-
-    @property
-    def base_url(self) -> str:
-        return self.process.url + "/v1"
-
-    @property
-    def api_key(self) -> str | None:
-        return self.process.api_key
-
-    @property
-    def headers(self) -> dict[str, str]:
-        return self.process.headers
-
-    @property
-    def log_path(self) -> Path:
-        return self.process.log_path
-
-    def close(self) -> None:
-        self.process.kill()
-
-    def __enter__(self) -> "LlamaServer":
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.close()

@@ -202,3 +202,45 @@ class EngineProcess:
         except OSError:
             return "(no log)"
         return "\n".join(lines[-n:])
+
+
+class StartedServer:
+    """An ``EngineProcess`` started for synchronous callers (eval, benchmarks, tests) and stopped
+    on ``close()`` / leaving ``with``: ``LlamaServer`` and ``VLLMServer`` give it their process."""
+
+    process: EngineProcess
+    startup_timeout: float
+
+    def start(self):
+        self.process.spawn()
+        self.process.wait_healthy_sync(self.startup_timeout)
+        return self
+
+    @property
+    def url(self) -> str:
+        return self.process.url
+
+    @property
+    def base_url(self) -> str:
+        return self.process.url + "/v1"
+
+    @property
+    def api_key(self) -> str | None:
+        return self.process.api_key
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return self.process.headers
+
+    @property
+    def log_path(self) -> Path:
+        return self.process.log_path
+
+    def close(self) -> None:
+        self.process.kill()
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()

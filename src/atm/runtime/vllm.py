@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from atm.errors import AtmError
-from atm.runtime.process import EngineProcess
+from atm.runtime.process import EngineProcess, StartedServer
 
 KEY_ENV = "VLLM_API_KEY"  # vllm serve's --api-key, read from the environment (protects /v1)
 STRUCTURED_OUTPUTS = {"backend": "xgrammar", "disable_any_whitespace": True}
@@ -91,7 +91,7 @@ def describe(exe: str) -> dict[str, Any]:
     return out
 
 
-class VLLMServer:
+class VLLMServer(StartedServer):
     """``vllm serve`` started for synchronous callers (eval, tests); stopped on ``close()`` /
     leaving ``with``. Keyword arguments are ``command()``'s (``max_num_seqs``, ``max_model_len``,
     ``extra_args`` ...). ``version`` is what the running server reports."""
@@ -113,42 +113,12 @@ class VLLMServer:
     def start(self) -> "VLLMServer":
         import httpx
 
-        self.process.spawn()
-        self.process.wait_healthy_sync(self.startup_timeout)
+        super().start()
         try:
             self.version = httpx.get(self.url + "/version", timeout=10, trust_env=False).json().get("version")
         except (httpx.HTTPError, ValueError, AttributeError):
             self.version = None
         return self
 
-    @property
-    def url(self) -> str:
-        return self.process.url
-
-    @property
-    def base_url(self) -> str:
-        return self.process.url + "/v1"
-
-    @property
-    def api_key(self) -> str | None:
-        return self.process.api_key
-
-    @property
-    def headers(self) -> dict[str, str]:
-        return self.process.headers
-
-    @property
-    def log_path(self) -> Path:
-        return self.process.log_path
-
     def describe(self) -> dict[str, Any]:
         return {**describe(self.exe), "version": self.version, "args": self.command_kw}
-
-    def close(self) -> None:
-        self.process.kill()
-
-    def __enter__(self) -> "VLLMServer":
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.close()
