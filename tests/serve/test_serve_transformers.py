@@ -49,6 +49,19 @@ def test_transformers_engine_serves_registry_model(tiny_gguf, tiny_merged, atm_h
         assert out.model == "atm:q8" and out.usage.completion_tokens <= 6
         comp = client.completions.create(model="atm:q8", prompt="<|user|>hi<|assistant|>", max_tokens=4)
         assert isinstance(comp.choices[0].text, str)
+        # the same prompt as token ids (this engine adds no special tokens to a text prompt), and a
+        # list of prompts: one choice per prompt, in order; an id outside the vocabulary is a 400
+        from tokenizers import Tokenizer
+
+        tok = Tokenizer.from_file(str(tiny_merged / "tokenizer.json"))
+        ids = tok.encode("<|user|>hi<|assistant|>", add_special_tokens=False).ids
+        kw = dict(model="atm:q8", max_tokens=4, temperature=0)
+        greedy = client.completions.create(prompt="<|user|>hi<|assistant|>", **kw).choices[0].text
+        assert client.completions.create(prompt=ids, **kw).choices[0].text == greedy
+        two = client.completions.create(prompt=[ids, ids], **kw)
+        assert [(c.index, c.text) for c in two.choices] == [(0, greedy), (1, greedy)]
+        with pytest.raises(openai.BadRequestError, match="outside the model's vocabulary"):
+            client.completions.create(prompt=[ids, [10**6]], **kw)
         chunks = list(client.chat.completions.create(model="atm:q8", max_tokens=4, stream=True,
                                                      messages=[{"role": "user", "content": "x"}]))
         assert chunks[-1].choices[0].finish_reason in ("stop", "length")
