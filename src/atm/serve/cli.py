@@ -11,6 +11,7 @@ EPILOG = """examples:
   atm serve --model atm:q8 --model atm:q4 --port 8000 --api-key $ATM_API_KEY
   atm serve --config serve/default.yaml --set parallel=4
   atm serve --model mine=runs/x-merged --engine transformers
+  atm serve --model mine=runs/x-merged --engine vllm   # $ATM_VLLM, a vllm on PATH, or `atm doctor --vllm`'s
   atm serve --model gpt=http://127.0.0.1:11434 --engine remote --set models.0.upstream_api=ollama
 
 then:

@@ -49,7 +49,8 @@ class ServeSettings(AtmConfig):
     models: list[ModelSpec] = Field(default_factory=list, description="models to serve (several at "
                                     "once; each gets its own engine process)")
     engine: EngineKind = Field(default="llama-server", description="default engine: llama-server "
-                               "(GGUF, CPU/GPU), transformers (HF dir), vllm (HF dir, CUDA), remote (proxy)")
+                               "(GGUF, CPU/GPU), transformers (HF dir), vllm (HF dir; CUDA, or a CPU "
+                               "through `atm doctor --vllm`), remote (proxy)")
     host: str = Field(default="127.0.0.1", description="address to bind (127.0.0.1 = this machine "
                       "only; use 0.0.0.0 deliberately, with an api_key)")
     port: int = Field(default=8000, ge=0, le=65535, description="port to bind (0 = any free port)")
