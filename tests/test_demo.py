@@ -54,3 +54,14 @@ def test_balanced_training_rows(sample_dataset):
     with pytest.raises(Exception, match="SFT and ORPO"):
         balanced_rows("dapo", ds, 30)
     del ids
+
+
+def test_eval_shard_is_checked_when_the_profile_loads():
+    from atm.demo import DemoConfig
+    from atm.errors import AtmError
+
+    cfg = DemoConfig.load(ROOT / "demos" / "smollm2.yaml")
+    assert cfg.eval_shard == "1/10" and cfg.eval_limit is None
+    for bad in ("11/10", "0/4", "half"):
+        with pytest.raises((AtmError, ValueError), match="eval_shard"):
+            DemoConfig.load(ROOT / "demos" / "smollm2.yaml", overrides=[f"eval_shard={bad}"])

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from atm.config import AtmConfig
 from atm.errors import AtmError
@@ -52,10 +52,25 @@ class DemoConfig(AtmConfig):
         description="models compared by atm-eval")
     eval_limit: int | None = Field(None, description="verify items scored per model (None: the whole "
                                                      "verify split, 2,870 minutes on the sample)")
+    eval_shard: str | None = Field(None, description="score only shard K/N of the verify items "
+                                   "(atm-eval run --shard K/N: every N-th minute from the K-th, an evenly "
+                                   "spaced 1/N of the split; taken after eval_limit)")
     eval_concurrency: int = Field(1, description="requests in flight per LLM (1: llama.cpp in process; "
                                                  ">1 starts a llama-server for the run)")
     eval_mode: str = Field("generate", description="atm-eval mode: generate (constrained decoding) or "
                                                    "loglik (class probabilities)")
+
+    @field_validator("eval_shard")
+    @classmethod
+    def _shard(cls, v: str | None) -> str | None:
+        if v is not None:
+            from atm.eval.harness import parse_shard
+
+            try:
+                parse_shard(v)
+            except Exception as e:  # said at load time, not after an hour of training
+                raise ValueError(str(e).replace("--shard", "eval_shard")) from None
+        return v
 
 
 EXAMPLES = """examples:
@@ -63,7 +78,7 @@ EXAMPLES = """examples:
   atm demo --fresh              # redo every stage
   atm demo --set eval_limit=200 --set sft_steps=50
   atm demo --profile smollm2    # the question asked of a real LLM (demos/smollm2.yaml)
-  atm demo --profile smollm2 --set eval_limit=null   # ... on the whole verify split (hours)
+  atm demo --profile smollm2 --set eval_shard=null   # ... on the whole verify split (hours)
 profiles: demos/*.yaml (tiny is the default)"""
 
 
@@ -213,6 +228,8 @@ def run_pipeline(pipe: Pipeline) -> int:
                 argv += ["--model", m]
             if cfg.eval_limit:
                 argv += ["--limit", str(cfg.eval_limit)]
+            if cfg.eval_shard:
+                argv += ["--shard", cfg.eval_shard]
             # A fresh interpreter: llama.cpp's prompt evaluation runs ~25x slower in a process that
             # has already run torch (the training stages above), so the eval gets its own process.
             rc = subprocess.call([sys.executable, "-m", "atm", *argv])
@@ -220,7 +237,10 @@ def run_pipeline(pipe: Pipeline) -> int:
                 raise AtmError(f"atm-eval run exited {rc}")
             return {"outputs": [str(out / "report.html")]}
 
-        pipe.stage(name, total, deps, {"models": models, "limit": cfg.eval_limit, "mode": cfg.eval_mode}, fn)
+        key = {"models": models, "limit": cfg.eval_limit, "mode": cfg.eval_mode}
+        if cfg.eval_shard:  # only when set: the keys of runs made before the option stay valid
+            key["shard"] = cfg.eval_shard
+        pipe.stage(name, total, deps, key, fn)
         return Path(pipe.results[name]["outputs"][0])
 
     reports = []
