@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import logging
 import shutil
 import sys
 import time
@@ -25,6 +26,8 @@ from pydantic import Field, field_validator
 from atm.config import AtmConfig
 from atm.errors import AtmError
 from atm.utils import repo_root, write_json_atomic
+
+log = logging.getLogger(__name__)
 
 
 class DemoConfig(AtmConfig):
@@ -222,6 +225,15 @@ def run_pipeline(pipe: Pipeline) -> int:
             import subprocess
 
             out = work / name
+            # atm-eval refuses an out dir that holds a run on other items, and resumes one on the
+            # same items: a changed eval_limit / eval_shard starts this stage's dir afresh.
+            items = json.dumps({"data": data_dir, "limit": cfg.eval_limit, "shard": cfg.eval_shard})
+            mark = out / ".demo-items.json"
+            if out.exists() and not (mark.exists() and mark.read_text() == items):
+                log.info("%s: the items changed (eval_limit / eval_shard): starting its run dir afresh", out)
+                shutil.rmtree(out)
+            out.mkdir(parents=True, exist_ok=True)
+            mark.write_text(items)
             argv = ["eval", "run", "--data", data_dir, "--split", "verify", "--out", str(out),
                     "--concurrency", str(cfg.eval_concurrency), "--mode", cfg.eval_mode]
             for m in models:
