@@ -65,3 +65,24 @@ def test_eval_shard_is_checked_when_the_profile_loads():
     for bad in ("11/10", "0/4", "half"):
         with pytest.raises((AtmError, ValueError), match="eval_shard"):
             DemoConfig.load(ROOT / "demos" / "smollm2.yaml", overrides=[f"eval_shard={bad}"])
+
+
+def test_a_stage_runs_once_and_a_rerun_says_how_long_it_took(tmp_path, capsys):
+    from atm.demo import DemoConfig, Pipeline
+
+    cfg = DemoConfig(workdir=str(tmp_path / "w"))
+    out = tmp_path / "made.txt"
+    calls = []
+
+    def fn() -> dict:
+        calls.append(1)
+        out.write_text("x")
+        return {"outputs": [str(out)]}
+
+    for run in range(2):
+        pipe = Pipeline(cfg, tmp_path)
+        pipe.stage("make", 1, [], {"p": 1}, fn)
+    assert calls == [1]
+    assert "[1/1] make: done earlier in 0 s, reused" in capsys.readouterr().out
+    Pipeline(cfg, tmp_path).stage("make", 1, [], {"p": 2}, fn)  # other params: runs again
+    assert calls == [1, 1]

@@ -121,7 +121,9 @@ class Pipeline:
             rec = json.loads(stamp.read_text())
             outs = rec.get("result", {}).get("outputs", [])
             if rec.get("key") == key and all(Path(o).exists() for o in outs):
-                print(f"{label}: done earlier, reused ({stamp.relative_to(self.root)})", flush=True)
+                took = rec["result"].get("seconds")
+                took = f" in {took:.0f} s" if isinstance(took, (int, float)) else ""
+                print(f"{label}: done earlier{took}, reused ({stamp.relative_to(self.root)})", flush=True)
                 self.keys[name] = key
                 self.results[name] = rec["result"]
                 return rec["result"]
