@@ -86,3 +86,12 @@ def test_a_stage_runs_once_and_a_rerun_says_how_long_it_took(tmp_path, capsys):
     assert "[1/1] make: done earlier in 0 s, reused" in capsys.readouterr().out
     Pipeline(cfg, tmp_path).stage("make", 1, [], {"p": 2}, fn)  # other params: runs again
     assert calls == [1, 1]
+
+
+def test_help_lists_every_setting_with_its_default(cli):
+    from atm.demo import DemoConfig
+
+    out = cli("demo", "--help").stdout
+    for name in DemoConfig.model_fields:
+        assert f"  {name} (default " in out, name
+    assert "quants (default ['q8_0', 'q4_k_m'])" in out and "PydanticUndefined" not in out

@@ -127,6 +127,10 @@ def describe(cls: type[BaseModel]) -> str:
     """Human-readable list of fields with defaults and help (used in ``--help`` epilogs)."""
     out = []
     for name, field in cls.model_fields.items():
-        default = field.default if field.default is not None else "None"
+        if field.is_required():
+            out.append(f"  {name} (required): {field.description or ''}")
+            continue
+        default = field.get_default(call_default_factory=True)  # a default_factory's value too
+        default = default if default is not None else "None"
         out.append(f"  {name} (default {default!r}): {field.description or ''}")
     return "\n".join(out)

@@ -23,7 +23,7 @@ from typing import Callable
 
 from pydantic import Field, field_validator
 
-from atm.config import AtmConfig
+from atm.config import AtmConfig, describe
 from atm.errors import AtmError
 from atm.utils import repo_root, write_json_atomic
 
@@ -86,7 +86,7 @@ profiles: demos/*.yaml (tiny is the default)"""
 
 
 def register(p: argparse.ArgumentParser) -> None:
-    p.epilog = EXAMPLES
+    p.epilog = EXAMPLES + "\n\nsettings (--set KEY=VALUE, or the keys of a profile):\n" + describe(DemoConfig)
     p.add_argument("--fresh", action="store_true", help="delete the demo's work dir and redo every stage")
     p.add_argument("--profile", default=None, metavar="NAME",
                    help="a named demo profile: demos/NAME.yaml (e.g. smollm2)")
