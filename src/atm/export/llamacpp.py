@@ -320,10 +320,12 @@ def build_tools(targets: tuple[str, ...] = TOOLS, jobs: int | None = None, force
             log.info("building %s from %s for %s (about 5 min on 2 cores; log: %s)", ", ".join(targets),
                      src, backend or "CPU", log_path)
         gen = ["-G", "Ninja"] if shutil.which("ninja") and not (bdir / "Makefile").exists() else []
-        with open(log_path, "w") as log:
-            _run_logged(["cmake", "-S", str(src), "-B", str(bdir), *gen, *cmake_flags(backend)], log, quiet=True)
+        # The file handle is not called `log`: that name is the module logger (F823).
+        with open(log_path, "w") as build_log:
+            _run_logged(["cmake", "-S", str(src), "-B", str(bdir), *gen, *cmake_flags(backend)], build_log,
+                        quiet=True)
             _run_logged(["cmake", "--build", str(bdir), "--config", "Release", "-j", str(jobs),
-                         "--target", *targets], log, quiet=quiet)
+                         "--target", *targets], build_log, quiet=quiet)
         missing = [t for t in targets if not (bdir / "bin" / t).is_file()]
         if missing:
             raise AtmError(f"build finished but {missing} not found in {bdir / 'bin'}; see {log_path}")
@@ -333,12 +335,12 @@ def build_tools(targets: tuple[str, ...] = TOOLS, jobs: int | None = None, force
     return {t: str(bdir / "bin" / t) for t in targets}
 
 
-def _run_logged(cmd: list[str], log, quiet: bool) -> None:
+def _run_logged(cmd: list[str], build_log, quiet: bool) -> None:
     """Run a build step, logging everything; show cmake's [ NN%] as a progress bar."""
     from atm.utils import progress
 
-    log.write("$ " + " ".join(cmd) + "\n")
-    log.flush()
+    build_log.write("$ " + " ".join(cmd) + "\n")
+    build_log.flush()
     bar = None if quiet else progress(total=100, desc="llama.cpp build", unit="%")
     pct_re = re.compile(r"^\[\s*(\d+)%\]|^\[(\d+)/(\d+)\]")
     last = 0
@@ -346,11 +348,11 @@ def _run_logged(cmd: list[str], log, quiet: bool) -> None:
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     assert proc.stdout is not None
     for line in proc.stdout:
-        log.write(line)
+        build_log.write(line)
         tail = (tail + [line])[-30:]
         m = pct_re.match(line)
         if m:
-            log.flush()  # so `tail atm-build.log` shows where a long build is
+            build_log.flush()  # so `tail atm-build.log` shows where a long build is
         if m and bar is not None:
             pct = int(m.group(1)) if m.group(1) else int(100 * int(m.group(2)) / max(int(m.group(3)), 1))
             if pct > last:
@@ -361,7 +363,7 @@ def _run_logged(cmd: list[str], log, quiet: bool) -> None:
         bar.close()
     if rc != 0:
         raise AtmError(f"`{' '.join(cmd[:4])} ...` failed (exit {rc}); last lines:\n{''.join(tail)}"
-                       f"full log: {log.name}")
+                       f"full log: {build_log.name}")
 
 
 def tool_version(exe: str | Path) -> str | None:
