@@ -221,7 +221,7 @@ def _check_advice_first(spec: str, dataset: Path, out: Path, n: int) -> list[dic
     try:
         for r in recs:
             assert r["valid"] and r["extra"]["decoded_tokens"] == 0 and r["tokens"]["completion"] == 0
-            assert json.loads(r["raw"])["advice"] == r["advice"] and list(json.loads(r["raw"]))[0] == "advice"
+            assert json.loads(r["raw"])["advice"] == r["advice"] and next(iter(json.loads(r["raw"]))) == "advice"
             assert r["tokens"]["scored"] > 0 and r["tokens"]["prompt"] >= r["tokens"]["prompt_eval"]
             prompt, add_bos = prov.prompt_text(items[r["id"]]["prompt"])
             seqs = {a: ref.tokenize((prompt + '{"advice": "' + a + '", "predicted_open_change": "').encode(),

@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 

@@ -4,7 +4,6 @@ architectures, the SmolLM2 GGUF as a trained base, and the errors a user meets o
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest

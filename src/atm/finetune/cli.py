@@ -123,7 +123,7 @@ def _train(args) -> int:
     if not args.config:
         from atm.errors import ConfigError
 
-        raise ConfigError(f"--recipe is required (e.g. finetune/tiny-cpu.yaml)")
+        raise ConfigError("--recipe is required (e.g. finetune/tiny-cpu.yaml)")
     run = train(args.method, args.config, args.overrides)
     if not is_main_process():  # under accelerate launch, rank 0 alone reports the run
         return 0

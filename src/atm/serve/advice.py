@@ -128,7 +128,6 @@ _DATASETS: dict[str, Any] = {}
 
 def dataset_window(settings, symbol: str, when: Any, need: int):
     """The ``need`` bars before minute ``when`` from the configured klines of ``symbol``."""
-    import pandas as pd
 
     path = settings.klines.get(symbol) or settings.klines.get(symbol.upper())
     if path is None:

@@ -17,7 +17,8 @@ from typing import Any
 
 _CORE = ("MODELS", "ClassicConfig", "FittedClassic", "fit_classic", "load_classic", "train_classic",
          "walk_forward_eval", "walk_forward_table")
-__all__ = ["ClassicProvider", *_CORE]
+__all__ = ["ClassicProvider", "MODELS", "ClassicConfig", "FittedClassic", "fit_classic", "load_classic",
+           "train_classic", "walk_forward_eval", "walk_forward_table"]  # literal: tools read it statically
 
 
 def __getattr__(name: str) -> Any:  # pandas, pydantic models and the provider load on first use

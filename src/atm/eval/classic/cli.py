@@ -102,7 +102,6 @@ def cmd_train_classic(args: argparse.Namespace) -> int:
 
 
 def cmd_backtest(args: argparse.Namespace) -> int:
-    import json
     from pathlib import Path
 
     import pandas as pd
