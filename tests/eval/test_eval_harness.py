@@ -316,3 +316,24 @@ def test_report_over_several_runs_and_partial_run(sample_dataset, tmp_path):
     assert md.count("# ATM evaluation") == 2
     assert "INCOMPLETE" in md and "baseline:momentum (250/300)" in md
     assert (out / "report.html").stat().st_size > 10_000
+
+
+def test_constant_answer_interval_is_exact_in_the_report(sample_dataset, tmp_path):
+    """baseline:majority (always NOOP) through the harness and the report, on a few hundred mostly
+    quiet minutes: its balanced-accuracy interval is its exact value, not [0.333, 1.000], and the
+    report still warns about the rare classes."""
+    from atm.eval.harness import run_eval
+
+    out = tmp_path / "run"
+    run_eval(["baseline:majority"], _suite(), out, data=str(sample_dataset), limit=400, quiet=True)
+    m = json.loads((out / "metrics.json").read_text())
+    maj = m["models"]["baseline:majority"]
+    support = {c: v["support"] for c, v in maj["per_class"].items()}
+    present = sum(v > 0 for v in support.values())
+    assert present >= 2, support  # a set that holds a minority class
+    assert maj["balanced_accuracy"] == pytest.approx(1 / present)
+    assert maj["ci"]["balanced_accuracy"] == [pytest.approx(1 / present, abs=1e-12)] * 2
+    md = (out / "report.md").read_text()
+    assert f"[{1 / present:.3f}, {1 / present:.3f}]" in md
+    if min(v for v in support.values() if v) < 10:
+        assert "fewer than 10 times" in md

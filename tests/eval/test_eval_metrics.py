@@ -133,3 +133,35 @@ def test_paired_bootstrap_detects_real_difference_only():
     assert d["ci"][0] > 0 and d["p_not_better"] == 0.0
     same = M.paired_bootstrap(t, bad, bad, cfg)
     assert same["diff"] == 0.0 and same["p_not_better"] == 1.0
+
+
+def _two_minority(n: int = 400) -> np.ndarray:
+    """A quiet stretch: all NOOP but one BUY minute and one SELL minute (2 minority minutes)."""
+    t = np.full(n, N)
+    t[57], t[301] = B, S
+    return t
+
+
+def test_constant_answer_ci_is_its_exact_value_on_a_one_sided_set():
+    """Resamples that lack BUY or SELL are drawn again: balanced accuracy over the classes a
+    replicate happens to hold would give always-NOOP 1.0 there (the interval read [0.333, 1.000])."""
+    t = _two_minority()
+    const = np.full(len(t), N)
+    ci = M.bootstrap_ci(t, const, M.BootConfig(n_boot=500, seed=1, horizon=10))
+    assert ci["balanced_accuracy"] == [pytest.approx(1 / 3, abs=1e-12)] * 2
+    assert ci["redrawn"] > 0  # most blocks hold neither minority minute
+    # a model that finds the two minutes: its interval never comes from resamples without them
+    hit = t.copy()
+    hit[[10, 20, 30]] = B  # three false BUYs
+    ci_hit = M.bootstrap_ci(t, hit, M.BootConfig(n_boot=500, seed=1, horizon=10))["balanced_accuracy"]
+    assert 0.99 < ci_hit[0] <= ci_hit[1] <= 1.0  # recall 1 on every class in every replicate, less NOOP's 3 misses
+    d = M.paired_bootstrap(t, const, const, M.BootConfig(n_boot=300, seed=0, horizon=10))
+    assert d["ci"] == [0.0, 0.0]
+    d = M.paired_bootstrap(t, hit, const, M.BootConfig(n_boot=300, seed=0, horizon=10))
+    assert d["ci"][0] > 0.6 and d["redrawn"] > 0
+
+
+def test_a_set_with_one_class_is_not_conditioned():
+    t = np.full(50, N)
+    ci = M.bootstrap_ci(t, np.full(50, N), M.BootConfig(n_boot=200, seed=0))
+    assert ci["balanced_accuracy"] == [1.0, 1.0] and ci["redrawn"] == 0

@@ -8,6 +8,11 @@ Conventions (stated in every report):
   rewards always answering the majority class (the original experiment's always-NOOP scored 86.9%).
 - Confidence intervals come from a circular moving-block bootstrap (see ``block_length``): labels of
   neighbouring minutes share most of their future window, so an i.i.d. bootstrap would be too narrow.
+- Every replicate holds every class the full set holds (replicates that lack one are drawn again):
+  balanced accuracy over the classes a replicate happens to contain would give a constant answer
+  1.0 on a resample without BUY or SELL minutes, so on small or one-sided sets the interval of
+  always-NOOP read [0.333, 1.000]. Conditioned this way, a constant answer's interval is its exact
+  value (1/3 with three classes present), and the share of redrawn replicates is reported.
 - Paired comparisons resample the SAME blocks for both models (paired block bootstrap of the
   difference); McNemar's test is given too but assumes independent items, so the verdict uses the
   bootstrap.
@@ -144,17 +149,31 @@ def _block_sums(x: np.ndarray, L: int) -> np.ndarray:
     return c[L:L + n] - c[:n]
 
 
-def _replicate_sums(xs: list[np.ndarray], L: int, n_boot: int, seed: int) -> list[np.ndarray]:
-    """Circular moving-block bootstrap replicates of column sums, the same blocks for every x."""
+def _replicate_sums(xs: list[np.ndarray], L: int, n_boot: int, seed: int,
+                    keep_cols: slice | None = None) -> tuple[list[np.ndarray], int]:
+    """Circular moving-block bootstrap replicates of column sums, the same blocks for every x.
+
+    ``keep_cols``: columns of ``xs[0]`` (the true-class indicators) that are non-zero in the full
+    sum must be non-zero in every replicate; a replicate that lacks one is drawn again (the
+    bootstrap conditioned on the class set). Returns the replicates and how many were redrawn."""
     n = xs[0].shape[0]
     k = int(math.ceil(n / L))
     rng = np.random.default_rng(seed)
     starts = rng.integers(0, n, size=(n_boot, k))
-    out = []
-    for x in xs:
-        bs = _block_sums(x, L)
-        out.append(bs[starts].sum(axis=1))  # (n_boot, cols)
-    return out
+    sums = [_block_sums(x, L) for x in xs]
+    redrawn = 0
+    if keep_cols is not None:
+        need = xs[0][:, keep_cols].sum(axis=0) > 0
+        covers = sums[0][:, keep_cols][:, need] > 0  # (n, classes needed): block j holds class c
+        for _ in range(10_000):
+            bad = ~covers[starts].any(axis=1).all(axis=1)
+            if not bad.any():
+                break
+            redrawn += int(bad.sum())
+            starts[bad] = rng.integers(0, n, size=(int(bad.sum()), k))
+        else:  # unreachable in practice: every needed class lies in at least L of the n blocks
+            raise RuntimeError("block bootstrap: could not draw replicates holding every class")
+    return [bs[starts].sum(axis=1) for bs in sums], redrawn  # each (n_boot, cols)
 
 
 @dataclass
@@ -181,9 +200,9 @@ def bootstrap_ci(t: np.ndarray, p: np.ndarray, cfg: BootConfig = BootConfig()) -
     if n < 2:
         return {"block": L, "n_boot": 0, "accuracy": [None, None], "balanced_accuracy": [None, None],
                 "macro_f1": [None, None]}
-    (s,) = _replicate_sums([indicators(t, p)], L, cfg.n_boot, cfg.seed)
+    (s,), redrawn = _replicate_sums([indicators(t, p)], L, cfg.n_boot, cfg.seed, keep_cols=slice(0, K))
     m = _from_sums(s)
-    return {"block": L, "n_boot": cfg.n_boot, "level": cfg.level,
+    return {"block": L, "n_boot": cfg.n_boot, "level": cfg.level, "redrawn": redrawn,
             **{k: _ci(m[k], cfg.level) for k in ("accuracy", "balanced_accuracy", "macro_f1")}}
 
 
@@ -195,7 +214,7 @@ def mean_ci(values: np.ndarray, cfg: BootConfig = BootConfig()) -> dict[str, Any
     if n < 2:
         return {"mean": float(v.mean()) if n else None, "ci": [None, None], "block": L}
     x = np.stack([v, np.ones(n)], axis=1)
-    (s,) = _replicate_sums([x], L, cfg.n_boot, cfg.seed)
+    (s,), _ = _replicate_sums([x], L, cfg.n_boot, cfg.seed)
     return {"mean": float(v.mean()), "ci": _ci(s[:, 0] / s[:, 1], cfg.level), "block": L}
 
 
@@ -212,12 +231,13 @@ def paired_bootstrap(t: np.ndarray, p_a: np.ndarray, p_b: np.ndarray,
         _from_sums(indicators(t, p_b).sum(0))[metric])
     if n < 2:
         return {"metric": metric, "diff": point, "ci": [None, None], "p_not_better": None, "block": L}
-    sa, sb = _replicate_sums([indicators(t, p_a), indicators(t, p_b)], L, cfg.n_boot, cfg.seed)
+    (sa, sb), redrawn = _replicate_sums([indicators(t, p_a), indicators(t, p_b)], L, cfg.n_boot, cfg.seed,
+                                        keep_cols=slice(0, K))
     d = _from_sums(sa)[metric] - _from_sums(sb)[metric]
     d = d[~np.isnan(d)]
     return {"metric": metric, "diff": point, "ci": _ci(d, cfg.level),
             "p_not_better": float(np.mean(d <= 0)) if d.size else None, "block": L,
-            "n_boot": cfg.n_boot}
+            "n_boot": cfg.n_boot, "redrawn": redrawn}
 
 
 def mcnemar(correct_a: np.ndarray, correct_b: np.ndarray) -> dict[str, Any]:
