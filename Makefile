@@ -9,6 +9,7 @@ demo: setup
 
 test:
 	scripts/setup.sh --tests
+	.venv/bin/ruff check src tests benchmarks scripts
 	OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRL_EXPERIMENTAL_SILENCE=1 \
 	  .venv/bin/python -m pytest -q tests
 
