@@ -29,7 +29,7 @@ def register(p: argparse.ArgumentParser) -> None:
 def report(build: bool = False, vllm: bool = False) -> dict:
     from importlib import metadata
 
-    out: dict = {}
+    out: dict = {"cpu": _cpu()}
     for pkg in ("torch", "transformers", "trl", "peft", "llama-cpp-python", "fastapi", "gradio"):
         try:
             out[pkg] = metadata.version(pkg)
@@ -56,6 +56,18 @@ def report(build: bool = False, vllm: bool = False) -> dict:
     except ImportError:
         out["cuda"] = None
     return out
+
+
+def _cpu() -> dict:
+    """The CPU, and the training precision that applies on it (a CPU without native bf16 trains in
+    fp32: there torch's bf16 matmuls ran ~70x slower; see atm.finetune.train.cpu_precision)."""
+    from atm.utils import cpu_summary
+
+    cpu = cpu_summary()
+    cpu["training on this CPU"] = (
+        "fp32 (recipes' bf16 applies: native bf16)" if cpu["native_bf16"] else
+        "fp32; a recipe's bf16=true runs as fp32 here (no native bf16: bf16 would be ~70x slower)")
+    return cpu
 
 
 def _family_tokenizers(build: bool) -> dict:

