@@ -30,6 +30,7 @@ from typing import Any, Sequence
 
 from atm.artifacts import MODEL_CARD, DatasetDir, ModelCard
 from atm.errors import AtmError, DataError, require
+from atm.export import llamacpp
 from atm.export.registry import Entry, Registry, check_name
 from atm.utils import progress, provenance, write_json_atomic
 
@@ -152,6 +153,7 @@ def run_gguf(entry: Entry, ref: list[dict], schema: dict[str, Any], max_tokens: 
     from atm.prompting.advice import parse_advice
 
     n_ctx = max(len(r["ids"]) + max(len(r["cont"]), max_tokens) for r in ref) + 16
+    llamacpp.no_amx_repack()
     llm = llama_cpp.Llama(model_path=entry.path, n_ctx=n_ctx, n_batch=min(n_ctx, 512),
                           logits_all=True, verbose=False, seed=0,
                           n_threads=threads or min(os.cpu_count() or 1, 4))

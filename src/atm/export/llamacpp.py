@@ -248,6 +248,58 @@ def import_gguf():
 
 
 # ---------------------------------------------------------------------------------------------
+# CPUs with AMX
+
+def cpu_has_amx() -> bool:
+    """True on CPUs with AMX-INT8 (Intel Sapphire Rapids and later; ``$ATM_CPU_FLAGS`` in tests)."""
+    from atm.utils import cpu_flags
+
+    return "amx_int8" in cpu_flags()
+
+
+_AMX_GUARDED = False
+
+
+def no_amx_repack() -> bool:
+    """Keep llama.cpp's AMX weight repacking off in this process; True where that applies.
+
+    Why: built with ``GGML_NATIVE`` on a CPU with AMX, this llama.cpp (llama-cpp-python 0.3.36) moves
+    Q8_0 / Q4_K_M weights into its AMX buffer type, and decoding then segfaults on ATM's tiny model
+    (measured: the first decode of ``atm:q8`` / ``atm:q4`` died with SIGSEGV on an Intel Xeon with
+    amx_int8; F16, and the same files with repacking off, ran). Every ``llama_cpp.Llama`` made after
+    this call loads with ``use_extra_bufts = False`` (no repacked buffers; the plain CPU kernels).
+    Nothing changes where the CPU or the loaded library has no AMX. ``llama-server`` gets the same
+    through ``server_args()`` (``--no-repack``)."""
+    global _AMX_GUARDED
+    if _AMX_GUARDED:
+        return True
+    if not cpu_has_amx():
+        return False
+    import llama_cpp
+    import llama_cpp.llama_cpp as lib
+
+    if b"AMX_INT8 = 1" not in (lib.llama_print_system_info() or b""):
+        return False
+    default = lib.llama_model_default_params
+
+    def params_without_repack():  # llama_cpp.Llama reads its model params from this function
+        p = default()
+        p.use_extra_bufts = False
+        return p
+
+    lib.llama_model_default_params = params_without_repack
+    llama_cpp.llama_model_default_params = params_without_repack
+    _AMX_GUARDED = True
+    log.info("this CPU has AMX: llama.cpp weight repacking is off (its AMX kernels segfault here)")
+    return True
+
+
+def server_args() -> list[str]:
+    """Extra llama-server arguments this CPU needs (``--no-repack`` with AMX; see no_amx_repack)."""
+    return ["--no-repack"] if cpu_has_amx() else []
+
+
+# ---------------------------------------------------------------------------------------------
 # native tools
 
 def _env_name(tool: str) -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
+from atm.export.llamacpp import server_args
 from atm.runtime.process import EngineProcess, StartedServer
 
 
@@ -41,7 +42,7 @@ def command(gguf: str | Path, *, port: int, alias: str, parallel: int = 1,
            "-np", str(parallel), "-c", str(ctx_size * parallel)]
     if metrics:
         cmd.append("--metrics")
-    cmd += ["--jinja", "--no-webui", "-a", alias]
+    cmd += ["--jinja", "--no-webui", "-a", alias, *server_args()]
     if not log_colors:
         cmd += ["--log-colors", "off"]
     if ubatch_size:

@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from atm.errors import AtmError, require
+from atm.export.llamacpp import no_amx_repack
 
 
 def default_threads(threads: int | None = None) -> int:
@@ -137,6 +138,7 @@ class LlamaCppRunner:
         # every layer on the GPU when this llama-cpp-python was built with a GPU backend
         # (CMAKE_ARGS="-DGGML_CUDA=on" pip install llama-cpp-python); the CPU wheel says no
         self.gpu_offload = bool(llama_cpp.llama_supports_gpu_offload())
+        no_amx_repack()  # AMX-repacked weights segfault in this llama.cpp (atm.export.llamacpp)
         self.llm = llama_cpp.Llama(model_path=str(self.gguf), n_ctx=n_ctx, n_threads=threads,
                                    n_threads_batch=threads, n_batch=n_batch,
                                    n_gpu_layers=-1 if self.gpu_offload else 0, seed=seed, verbose=False)
