@@ -215,8 +215,7 @@ def fig_confusions(models: dict[str, Any]) -> bytes:
         m = np.array(cm["matrix"], dtype=float)
         norm = m / np.clip(m.sum(axis=1, keepdims=True), 1, None)
         ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
-        ax.set_xticks(range(len(cm["cols"])), [c if len(c) <= 4 else c[:3] + "." for c in cm["cols"]],
-                      fontsize=8)
+        ax.set_xticks(range(len(cm["cols"])), cm["cols"], fontsize=7)  # full names: INVALID, not INVA
         ax.set_yticks(range(len(cm["rows"])), cm["rows"], fontsize=8)
         ax.set_xlabel("predicted", fontsize=8)
         ax.set_ylabel("true", fontsize=8)
