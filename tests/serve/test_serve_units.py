@@ -438,3 +438,25 @@ def test_serve_preflight_refuses_bad_klines_and_a_busy_port(tmp_path):
         assert sock.getsockname()[1] > 0
     finally:
         sock.close()
+
+
+def test_advice_request_forms_are_one_or_the_other(btc_parquet):
+    """klines with symbol or time was answered from the klines, the rest ignored: a 400 now."""
+    from types import SimpleNamespace
+
+    from atm.market.validate import Repairs
+    from atm.serve.advice import request_window
+    from atm.serve.api.protocol import AdviceRequest
+
+    s = SimpleNamespace(klines={"BTCUSDT": str(btc_parquet)})
+    enc = _served().get_encoder()
+    for body, msg, param in (
+            ({"klines": _objects(12), "time": "2025-08-05T00:00:00Z"}, "not both (got klines and time)", "time"),
+            ({"klines": _objects(12), "symbol": "BTCUSDT"}, "not both (got klines and symbol)", "symbol"),
+            ({"time": "2025-08-05T00:00:00Z"}, "`time` needs `symbol`", "symbol"),
+            ({"symbol": "BTCUSDT"}, "give `time`", "time"),
+            ({}, "give `klines`", "klines")):
+        with pytest.raises(AdviceInputError, match=re.escape(msg)) as exc:
+            request_window(AdviceRequest(model="m", **body), s, enc, Repairs())
+        assert exc.value.param == param
+    assert len(request_window(AdviceRequest(model="m", klines=_objects(12)), s, enc, Repairs())) == 12

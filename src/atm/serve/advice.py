@@ -215,6 +215,22 @@ def _with_target_row(df):
     return pd.concat([df, pd.DataFrame([row]).astype(df.dtypes.to_dict())], ignore_index=True)
 
 
+def request_window(req, settings, enc, repairs: Repairs):
+    """The bars a request asks about: its ``klines``, or ``symbol`` + ``time`` from the served data.
+    Both forms at once, or half of the second, is a 400 (nothing given is silently ignored)."""
+    if req.klines is not None:
+        extra = [f for f in ("symbol", "time") if getattr(req, f) is not None]
+        if extra:
+            raise AdviceInputError(f"give either `klines` or `symbol` + `time`, not both (got klines and "
+                                   f"{' and '.join(extra)})", extra[0])
+        return klines_frame(req.klines, repairs)
+    if req.symbol:
+        return dataset_window(settings, req.symbol, req.time, window_bars(enc), repairs)
+    if req.time is not None:
+        raise AdviceInputError("`time` needs `symbol` (a symbol the server has klines for)", "symbol")
+    raise AdviceInputError("give `klines` (a window of 1m klines) or `symbol` and `time`")
+
+
 def window_bars(enc) -> int:
     """Bars taken from a dataset before the advised minute (the ``symbol``/``time`` path): the
     encoder's lookback + 1, at least 64 (features such as the natural encoder's warm up on them)."""
@@ -275,12 +291,7 @@ async def advise(request, m, req, settings, call_cancellable) -> dict[str, Any]:
     except Exception as exc:  # noqa: BLE001 - a model without its metadata is a client-visible 400
         raise AdviceInputError(f"model {m.name!r} cannot give advice: {exc}", "model") from None
     repairs = Repairs()
-    if req.klines is not None:
-        df = klines_frame(req.klines, repairs)
-    elif req.symbol:
-        df = dataset_window(settings, req.symbol, req.time, window_bars(enc), repairs)
-    else:
-        raise AdviceInputError("give `klines` (a window of 1m klines) or `symbol` and `time`")
+    df = request_window(req, settings, enc, repairs)
     context, for_time = encode_window(m, df)
     messages = template.render(context)
     ereq = EngineRequest(model=m.name, messages=messages, max_tokens=req.max_tokens, temperature=req.temperature,
