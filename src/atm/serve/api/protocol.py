@@ -198,8 +198,9 @@ class AdviceResponse(BaseModel):
                                                 "generated answer")
     scored_advice: str | None = Field(description="the most likely option of `probs` (the SCORED "
                                       "options); null without probs")
-    predicted_open_change: float | None = Field(description="the generated answer's predicted change "
-                                                "of the open")
+    predicted_open_change: Union[str, float, None] = Field(description="the generated answer's predicted "
+                                                           "change of the open, as the model wrote it (a "
+                                                           "decimal string under the shipped schema)")
     valid: bool = Field(description="whether the generated answer parses under the answer schema")
     reason: str | None = Field(description="why it is not valid")
     probs: dict[str, float] | None = Field(description="scored options: P(BUY), P(NOOP), P(SELL) at the "
