@@ -117,7 +117,7 @@ def format_validation_error(cls: type[BaseModel], exc: ValidationError, source: 
                 msg = f"unknown key {loc!r}"
                 if full:
                     msg += f" (did you mean {full!r}?)"
-            msg += f"; valid keys{' of ' + parent if parent else ''}: {', '.join(valid)}"
+            msg += f"; valid keys: {', '.join(valid)}"
         else:
             msg = f"{'--set ' if given else ''}{loc}: {err['msg']} (got {err.get('input')!r})"
         (from_set if given else from_file).append("  - " + msg)
