@@ -408,7 +408,7 @@ def test_advice_openapi_documents_request_and_response_without_duplicate_ids():
     assert not any(p.startswith("/api/{what}") for p in spec["paths"])
 
 
-def test_serve_preflight_refuses_bad_klines_and_a_busy_port(tmp_path):
+def test_serve_preflight_refuses_bad_klines_and_a_busy_port(tmp_path, monkeypatch):
     """Found before any engine starts, each in one line: a --set klines path that is not a klines
     parquet (it was a 500 at the first request) and a port in use (it was uvicorn's Errno 98 after
     llama-server came up)."""
@@ -433,6 +433,10 @@ def test_serve_preflight_refuses_bad_klines_and_a_busy_port(tmp_path):
             preflight(ServeSettings(port=port))
     finally:
         busy.close()
+    monkeypatch.setenv("ATM_LLAMA_SERVER", "/no/such/llama-server")
+    with pytest.raises(AtmError, match=r"^\$ATM_LLAMA_SERVER=/no/such/llama-server is not an executable file$"):
+        preflight(ServeSettings(models=[{"name": "atm:q8"}], port=0))
+    monkeypatch.delenv("ATM_LLAMA_SERVER")
     sock = preflight(ServeSettings(port=0))
     try:
         assert sock.getsockname()[1] > 0

@@ -96,14 +96,18 @@ def _set_path(data: dict, key: str, value) -> None:
 
 def preflight(settings) -> socket.socket:
     """Everything that can be checked before an engine starts, each failure one line (AtmError):
-    every configured klines file (``--set klines.SYM=PATH``) reads as a klines parquet, and the
-    address is free. Returns the bound, listening socket (handed to uvicorn: no race for the port)."""
+    the llama-server binary (when an engine needs it), every configured klines file (``--set
+    klines.SYM=PATH``) reads as a klines parquet, and the address is free. Returns the bound, listening socket (handed to uvicorn: no race for the port)."""
     import errno
     import socket
 
     from atm.errors import AtmError
     from atm.serve.advice import load_klines
 
+    if any((m.engine or settings.engine) == "llama-server" for m in settings.models):
+        from atm.runtime.llama_server import binary
+
+        binary()  # not found: one line naming `atm doctor --build`, not a traceback after the bind
     for sym, path in settings.klines.items():
         try:
             df = load_klines(path)  # read once; /v1/advice reuses it
