@@ -9,7 +9,11 @@ The advised minute t is the one after the last kline given (or the ``time`` aske
 dataset's klines): only bars before t are encoded, as at the open of t. Klines sent in the request
 are checked by the rules ``atm data build`` applies to files (``atm.market.validate``): a bad bar
 is a 400 naming ``klines[i]``, rows out of order are sorted and reported in the answer's
-``repairs``, as the build reports them.
+``repairs``, as the build reports them. Nothing is filled in silently: a field the model's encoder
+reads that a bar lacks, a ``time`` outside the served data and a gap in its window are 400s naming
+them; bars the build filled (``--fill-gaps``) are used and listed in ``repairs``. The answer names
+its two measurements: ``advice`` is the generated answer, ``probs`` the scored options
+(``scored_advice`` their most likely).
 """
 
 from __future__ import annotations
