@@ -334,7 +334,7 @@ def test_limit_is_evenly_spaced_and_the_terminal_says_what_was_taken(sample_data
     assert f"dataset: {sample_dataset} (from --data)" in lines
     assert "split: verify (suite 'default'; give --split to change)" in lines
     items = next(ln for ln in lines if ln.startswith("items: "))
-    assert items.startswith("items: 60 of ") and "60 evenly spaced over the split (--limit 60" in items
+    assert items.startswith("items: 60 of ") and ", evenly spaced over the split (--limit 60;" in items
     assert "--set first=N" in items
     truth = pd.read_parquet(out / "truth.parquet")
     every = pd.read_parquet(next((sample_dataset / "items" / "data").glob("verify-*.parquet")))

@@ -319,11 +319,11 @@ def _say_selection(dataset_dir: Path, data: str | None, suite: SuiteConfig, spli
     if suite.first:
         how = f"the first {suite.first} minutes"
     if lim and lim < len(every):
-        how = (f"{len(df)} evenly spaced over {'them' if suite.first else 'the split'} "
-               f"(--limit {lim}; --set first=N takes the first N minutes instead)")
+        how = (f"evenly spaced over {'those' if suite.first else 'the split'} (--limit {lim}; "
+               "--set first=N takes the first N minutes instead)")
     first = str(df["open_time"].iloc[0]) if "open_time" in df else "?"
     last = str(df["open_time"].iloc[-1]) if "open_time" in df else "?"
-    log.info("items: %d of %d (%s), %s .. %s", len(df), len(every), how, first, last)
+    log.info("items: %s of %s, %s: %s .. %s", f"{len(df):,}", f"{len(every):,}", how, first, last)
 
 
 def _remove_unstarted(out: Path, created: bool) -> None:
