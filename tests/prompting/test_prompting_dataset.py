@@ -180,7 +180,7 @@ def test_chunked_build_equals_one_chunk(tmp_path, btc_parquet, sample_dataset):
 
 def test_build_is_atomic(tmp_path, btc_parquet):
     out = tmp_path / "atomic"
-    with pytest.raises(Exception):  # a failure late in the build (an unreadable tokenizer dir)
+    with pytest.raises(Exception):  # noqa: B017 - any failure; a failure late in the build (an unreadable tokenizer dir)
         build_dataset(BuildConfig(klines=str(btc_parquet), out=str(out), tokenizer=str(tmp_path / "no-such-tok")))
     assert not out.exists()
     assert [p.name for p in tmp_path.iterdir()] == []  # no temp folder left behind
