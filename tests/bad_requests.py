@@ -106,6 +106,10 @@ CORPUS: list[tuple[str, str, str, object, int]] = [
     ("advice gap", "POST", "/v1/advice", {"model": "atm:q8", "klines": "GAP"}, 400),
     ("advice negative price", "POST", "/v1/advice", {"model": "atm:q8", "klines": "NEG"}, 400),
     ("advice unknown symbol", "POST", "/v1/advice", {"model": "atm:q8", "symbol": "DOGE", "time": "2025-08-01"}, 400),
+    # nothing filled in or ignored silently (issue 22)
+    ("advice no count", "POST", "/v1/advice", {"model": "atm:q8", "klines": "NOCOUNT"}, 400),
+    ("advice klines and time", "POST", "/v1/advice", {"model": "atm:q8", "klines": "OK", "time": "2025-08-01"}, 400),
+    ("advice time without symbol", "POST", "/v1/advice", {"model": "atm:q8", "time": "2025-08-01"}, 400),
 ]
 
 
@@ -120,6 +124,8 @@ def fill_klines(body, parquet):
         rows = rows[:10] + rows[11:]
     elif kind == "NEG":
         rows[5]["low"] = -1.0
+    elif kind == "NOCOUNT":
+        rows = [{k: v for k, v in r.items() if k != "count"} for r in rows]
     return {**body, "klines": rows}
 
 

@@ -32,14 +32,22 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 EPILOG = """examples:
-  atm data build --raw datasets/samples/binance --symbol BTCUSDT --out runs/data/btcusdt.parquet
+  atm data build --raw datasets/samples/binance --symbol BTCUSDT
   atm demo
   atm-eval run --model atm:q8 --model baseline:majority
 run `atm COMMAND --help` for the verbs of each stage."""
 
 
 class Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    pass
+    """Examples kept as written; ``(default: X)`` added only where the help does not already say
+    its default and there is one worth showing (not None, not an empty list, not a store_true's False)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if "default" in text.lower() or action.default in (None, [], False) \
+                or action.default is argparse.SUPPRESS:
+            return action.help
+        return super()._get_help_string(action)
 
 
 def build_parser(wanted: str | None) -> argparse.ArgumentParser:
@@ -83,7 +91,9 @@ def run(argv: list[str] | None = None, prog_command: str | None = None) -> int:
         argv = [prog_command, *argv]
     wanted = next((a for a in argv if not a.startswith("-")), None)
     parser = build_parser(wanted if wanted in COMMANDS else None)
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        _unrecognized(parser, argv, extra)
     func: Callable | None = getattr(args, "func", None)
     if func is None:
         if args.command:
@@ -106,6 +116,30 @@ def run(argv: list[str] | None = None, prog_command: str | None = None) -> int:
         os.dup2(devnull, sys.stdout.fileno())  # so the exit-time flush does not raise again
         return 0
     return int(rc or 0)
+
+
+def _unrecognized(parser: argparse.ArgumentParser, argv: list[str], extra: list[str]) -> None:
+    """Unknown arguments: the usage of the (sub)command they were given to, with a "did you mean"
+    for a mistyped flag (argparse would print the top-level ``atm`` usage). Exits 2."""
+    import difflib
+
+    node = parser
+    for tok in argv:  # the deepest command/verb named on the line
+        if not tok.startswith("-"):
+            nxt = verb_parsers(node).get(tok)
+            if nxt is not None:
+                node = nxt
+    flags = [o for a in node._actions for o in a.option_strings if o.startswith("--")]
+    hints = []
+    for tok in extra:
+        if tok.startswith("--"):
+            close = difflib.get_close_matches(tok.split("=", 1)[0], flags, n=1, cutoff=0.6)
+            if close:
+                hints.append(f"{tok.split('=', 1)[0]} -> {close[0]}")
+    msg = f"unrecognized arguments: {' '.join(extra)}"
+    if hints:
+        msg += f" (did you mean {', '.join(hints)}?)"
+    node.error(msg)
 
 
 def main(argv: list[str] | None = None) -> None:

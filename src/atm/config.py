@@ -31,13 +31,15 @@ class AtmConfig(BaseModel):
         data: dict[str, Any] = {}
         if path is not None:
             data = load_yaml(path)
+        set_keys = []
         for item in overrides:
             key, value = parse_override(item)
             set_dotted(data, key, value)
+            set_keys.append(key)
         for key, value in values.items():
             if value is not None:
                 set_dotted(data, key, value)
-        return validate(cls, data, source=str(path) if path else "config")
+        return validate(cls, data, source=str(path) if path else "config", set_keys=set_keys)
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
@@ -86,27 +88,44 @@ def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-def validate(cls: type[C], data: dict[str, Any], source: str = "config") -> C:
+def validate(cls: type[C], data: dict[str, Any], source: str = "config", set_keys: Iterable[str] = ()) -> C:
+    """``cls`` from ``data``; errors name their source: ``--set KEY`` for a key given in
+    ``set_keys`` (the ``--set`` overrides), else ``source`` (the YAML file)."""
     try:
         return cls.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(format_validation_error(cls, exc, source)) from None
+        raise ConfigError(format_validation_error(cls, exc, source, set_keys)) from None
 
 
-def format_validation_error(cls: type[BaseModel], exc: ValidationError, source: str) -> str:
-    lines = [f"{source}: invalid {cls.__name__}:"]
+def format_validation_error(cls: type[BaseModel], exc: ValidationError, source: str,
+                            set_keys: Iterable[str] = ()) -> str:
+    set_keys = set(set_keys)
+    from_set, from_file = [], []
     for err in exc.errors():
         loc = ".".join(str(x) for x in err["loc"])
+        given = loc in set_keys or any(loc.startswith(k + ".") for k in set_keys)
         if err["type"] == "extra_forbidden":
             valid = _valid_keys(cls, err["loc"][:-1])
             hint = difflib.get_close_matches(str(err["loc"][-1]), valid, n=1)
-            msg = f"unknown key {loc!r}"
-            if hint:
-                msg += f" (did you mean {hint[0]!r}?)"
+            parent = ".".join(str(x) for x in err["loc"][:-1])
+            full = f"{parent}.{hint[0]}" if hint and parent else (hint[0] if hint else None)
+            if given:
+                msg = f"--set {loc}: unknown key {loc!r}"
+                if full:
+                    msg += f" (did you mean {full!r}?)"
+            else:
+                msg = f"unknown key {loc!r}"
+                if full:
+                    msg += f" (did you mean {full!r}?)"
             msg += f"; valid keys: {', '.join(valid)}"
         else:
-            msg = f"{loc}: {err['msg']} (got {err.get('input')!r})"
-        lines.append("  - " + msg)
+            msg = f"{'--set ' if given else ''}{loc}: {err['msg']} (got {err.get('input')!r})"
+        (from_set if given else from_file).append("  - " + msg)
+    lines = []
+    if from_set:
+        lines += [f"--set: invalid {cls.__name__}:", *from_set]
+    if from_file:
+        lines += [f"{source}: invalid {cls.__name__}:", *from_file]
     return "\n".join(lines)
 
 

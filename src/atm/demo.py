@@ -53,8 +53,9 @@ class DemoConfig(AtmConfig):
     eval_models: list[str] = Field(
         default_factory=lambda: ["atm:q8", "atm:q4", "baseline:majority", "baseline:momentum", "classic:lgbm"],
         description="models compared by atm-eval")
-    eval_limit: int | None = Field(None, description="verify items scored per model (None: the whole "
-                                                     "verify split, 2,870 minutes on the sample)")
+    eval_limit: int | None = Field(None, description="verify items scored per model, evenly spaced over "
+                                                     "the split (None: the whole verify split, 2,870 "
+                                                     "minutes on the sample)")
     eval_shard: str | None = Field(None, description="score only shard K/N of the verify items "
                                    "(atm-eval run --shard K/N: every N-th minute from the K-th, an evenly "
                                    "spaced 1/N of the split; taken after eval_limit)")

@@ -90,11 +90,26 @@ def provenance(config: Any = None, **extra: Any) -> dict[str, Any]:
     }
 
 
+def progress_off() -> bool:
+    """Whether progress bars are off: ``ATM_NO_PROGRESS=1``, or stderr is not a terminal (a log
+    file or a pipe) unless ``ATM_NO_PROGRESS=0``. For the bars of libraries (transformers, datasets)."""
+    env = os.environ.get("ATM_NO_PROGRESS")
+    if env in ("0", "1"):
+        return env == "1"
+    try:
+        return not sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        return True
+
+
 def progress(iterable=None, total: int | None = None, desc: str = "", unit: str = "it", **kw):
-    """A tqdm progress bar on stderr (disabled when ATM_NO_PROGRESS=1)."""
+    """A tqdm progress bar on stderr, drawn only when stderr is a terminal (tqdm's ``disable=None``):
+    output sent to a file or a pipe gets no bars. ``ATM_NO_PROGRESS=1`` turns them off on a terminal
+    too; ``ATM_NO_PROGRESS=0`` forces them on."""
     from tqdm.auto import tqdm
 
-    disable = os.environ.get("ATM_NO_PROGRESS") == "1"
+    env = os.environ.get("ATM_NO_PROGRESS")
+    disable: bool | None = True if env == "1" else False if env == "0" else None
     return tqdm(iterable, total=total, desc=desc, unit=unit, disable=disable, dynamic_ncols=True,
                 file=sys.stderr, **kw)
 

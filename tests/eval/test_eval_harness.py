@@ -337,3 +337,43 @@ def test_constant_answer_interval_is_exact_in_the_report(sample_dataset, tmp_pat
     assert f"[{1 / present:.3f}, {1 / present:.3f}]" in md
     if min(v for v in support.values() if v) < 10:
         assert "fewer than 10 times" in md
+
+
+def test_limit_is_evenly_spaced_and_the_terminal_says_what_was_taken(sample_dataset, tmp_path):
+    """`--limit 200` took the first 200 minutes (all NOOP, every model 1.000) and said nothing: now N
+    items evenly spaced over the split, the dataset, split and selection printed at the start, the
+    class counts and the few-minority warning beside the table."""
+    import pandas as pd
+
+    from atm.eval.rundir import spaced_rows
+
+    assert spaced_rows(10, 4) == [0, 2, 5, 7] and spaced_rows(3, 5) == [0, 1, 2]
+    out = tmp_path / "lim"
+    p = _cli("run", "--model", "baseline:majority", "--data", str(sample_dataset), "--limit", "60",
+             "--no-baselines", "--no-report", "--set", "metrics.n_boot=50", "--out", str(out))
+    lines = p.stdout.splitlines()
+    assert f"dataset: {sample_dataset} (from --data)" in lines
+    assert "split: verify (suite 'default'; give --split to change)" in lines
+    items = next(ln for ln in lines if ln.startswith("items: "))
+    assert items.startswith("items: 60 of ") and ", evenly spaced over the split (--limit 60;" in items
+    assert "--set first=N" in items
+    truth = pd.read_parquet(out / "truth.parquet")
+    every = pd.read_parquet(next((sample_dataset / "items" / "data").glob("verify-*.parquet")))
+    span = (truth["open_time"].max() - truth["open_time"].min()) / (every["open_time"].max() - every["open_time"].min())
+    assert len(truth) == 60 and span > 0.95
+    assert any(ln.startswith("true classes: BUY ") for ln in lines)
+    assert any(ln.startswith("WARNING: ") and "fewer than 10 times" in ln for ln in lines)
+
+
+def test_a_failed_new_run_leaves_no_files(sample_dataset, tmp_path):
+    """A model typo that fails after the run directory was set up left manifest.json and
+    truth.parquet in --out; now nothing is left (an existing run is never touched)."""
+    out = tmp_path / "typo"
+    p = _cli("run", "--model", "baseline:majorty", "--data", str(sample_dataset), "--no-baselines",
+             "--out", str(out), check=False)
+    assert p.returncode == 2 and "majorty" in p.stderr
+    assert not out.exists()
+    out.mkdir()
+    p = _cli("run", "--model", "baseline:majorty", "--data", str(sample_dataset), "--no-baselines",
+             "--out", str(out), check=False)
+    assert p.returncode == 2 and out.is_dir() and not any(out.iterdir())

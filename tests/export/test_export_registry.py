@@ -100,6 +100,8 @@ def test_models_cli(cli, small_home):
     env = {"ATM_HOME": str(small_home)}
     out = cli("models", "list", env=env).stdout
     assert "mini:q8" in out and "mini:q4" in out and "Q4_K_M" in out
+    # unchecked models show '-': the listing says why and what fills them in (issue 22)
+    assert "VALID_RATE / AGREE_HF '-': not measured yet" in out and "`atm export check --name mini`" in out
     listed = json.loads(cli("models", "list", "--json", env=env).stdout)
     assert {r["name"] for r in listed} == {"mini:q8", "mini:q4"}
     show = cli("models", "show", "mini:q8", "--verify", env=env).stdout

@@ -327,3 +327,30 @@ def test_advice_checks_klines_like_the_build(server, btc_parquet):
     assert [x["kind"] for x in d["repairs"]] == ["rows_reordered"] and d["repairs"][0]["count"] == 9
     ok = httpx.post(server.url + "/v1/advice", json={"model": "atm:q8", "klines": rows}, timeout=60).json()
     assert ok["repairs"] == [] and ok["messages"] == d["messages"]  # the same prompt once sorted
+
+
+def test_advice_says_which_answer_is_which_and_refuses_silent_fills(server, btc_parquet):
+    """Issue 22 against the real server: the response matches its documented model and names the
+    generated and the scored answer; no count, a time after the data, are 400s saying so; the
+    server logged each request and said where it is ready."""
+    from atm.serve.api.protocol import AdviceResponse
+
+    rows = klines_rows(btc_parquet, 200, 30)
+    r = httpx.post(server.url + "/v1/advice", json={"model": "atm:q8", "klines": rows}, timeout=60)
+    d = AdviceResponse.model_validate(r.json())
+    assert d.advice_source == "generated" and d.scored_advice == max(d.probs, key=d.probs.get)
+    no_count = [{k: v for k, v in row.items() if k != "count"} for row in rows]
+    r = httpx.post(server.url + "/v1/advice", json={"model": "atm:q8", "klines": no_count}, timeout=60)
+    assert r.status_code == 400 and "reads count (missing from klines[0]" in r.json()["error"]["message"]
+    r = httpx.post(server.url + "/v1/advice", json={"model": "atm:q8", "symbol": "BTCUSDT",
+                                                     "time": "2025-09-01T00:00:00Z"}, timeout=60)
+    err = r.json()["error"]
+    assert r.status_code == 400 and err["param"] == "time"
+    assert "outside the data: BTCUSDT klines cover 2025-08-01T00:00:00+00:00 .. 2025-08-11T00:00:00+00:00" \
+        in err["message"]
+    spec = httpx.get(server.url + "/openapi.json").json()
+    assert "klines" in spec["paths"]["/v1/advice"]["post"]["requestBody"]["content"]["application/json"]["schema"][
+        "properties"]
+    log = server.log.read_text(errors="replace")
+    assert f"atm serve: ready at {server.url}" in log and "POST /v1/advice 400 " in log
+    assert "Duplicate Operation ID" not in log

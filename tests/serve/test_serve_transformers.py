@@ -98,3 +98,38 @@ def test_transformers_engine_serves_registry_model(tiny_gguf, tiny_merged, atm_h
         too_long = httpx.post(srv.url + "/v1/chat/completions", timeout=60, json={
             "model": "atm:q8", "max_tokens": 4, "messages": [{"role": "user", "content": "w " * 5000}]})
         assert too_long.status_code == 400
+
+
+def test_advice_contract_on_a_real_server(tiny_merged, btc_parquet, tmp_path):
+    """Issue 22 end to end (this engine needs no llama.cpp): the answer matches its documented model
+    and says which advice is generated; no count and a time after the data are 400s saying so; the
+    log holds the ready line and one line per request, and no Duplicate Operation ID warning."""
+    from atm.serve.api.protocol import AdviceResponse
+
+    port = free_port()
+    log = tmp_path / "serve.log"
+    with ServerProcess(["--engine", "transformers", "--model", f"tiny={tiny_merged}",
+                        "--set", f"klines.BTCUSDT={btc_parquet}"], port,
+                       env={"OMP_NUM_THREADS": "1"}, log=log) as srv:
+        srv.wait_ready(240)
+        rows = klines_rows(btc_parquet, 200, 30)
+        r = httpx.post(srv.url + "/v1/advice", json={"model": "tiny", "symbol": "BTCUSDT",
+                                                     "time": "2025-08-05T12:00:00Z"}, timeout=120)
+        d = AdviceResponse.model_validate(r.json())
+        assert d.advice_source == "generated" and d.repairs == [] and d.time == "2025-08-05T12:00:00+00:00"
+        assert d.scored_advice == (max(d.probs, key=d.probs.get) if d.probs else None)
+        no_count = [{k: v for k, v in row.items() if k != "count"} for row in rows]
+        r = httpx.post(srv.url + "/v1/advice", json={"model": "tiny", "klines": no_count}, timeout=60)
+        assert r.status_code == 400 and "reads count (missing from klines[0]" in r.json()["error"]["message"]
+        r = httpx.post(srv.url + "/v1/advice", json={"model": "tiny", "symbol": "BTCUSDT",
+                                                     "time": "2025-09-01T00:00:00Z"}, timeout=60)
+        err = r.json()["error"]
+        assert r.status_code == 400 and err["param"] == "time" and "`time` can be 2025-08-01T01:04:00+00:00 .. " \
+            "2025-08-11T00:01:00+00:00" in err["message"]
+        spec = httpx.get(srv.url + "/openapi.json").json()
+        body = spec["paths"]["/v1/advice"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+        assert "klines" in body["properties"]
+    text = log.read_text(errors="replace")
+    assert f"atm serve: ready at {srv.url}" in text and "POST /v1/advice 400 " in text
+    assert "GET /openapi.json 200" in text and "Duplicate Operation ID" not in text
+    assert "Loading weights" not in text  # no progress bars into a log file

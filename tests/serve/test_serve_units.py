@@ -298,3 +298,169 @@ def test_prompt_lists_merge_in_order_and_sum_usage():
     assert texts == {0: "a", 1: "bb", 2: "ccc"}
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 6
     assert sum(1 for c in chunks if c.get("usage")) == 1
+
+
+# ------------------------------------------------------------------ /v1/advice: nothing filled in silently
+def _objects(n, drop=(), only_rows=None):
+    """_rows as objects; ``drop`` columns left out (of every row, or of ``only_rows``)."""
+    from atm.market.klines import COLUMNS
+
+    out = []
+    for i, r in enumerate(_rows(n)):
+        obj = dict(zip(COLUMNS, r))
+        obj.pop("close_time")
+        if only_rows is None or i in only_rows:
+            for c in drop:
+                obj.pop(c)
+        out.append(obj)
+    return out
+
+
+def _served(**cfg):
+    from types import SimpleNamespace
+
+    from atm.prompting.encoders import get_encoder
+
+    enc = get_encoder("seed-json", **cfg)
+    return SimpleNamespace(get_encoder=lambda: enc)
+
+
+def test_advice_refuses_a_field_the_encoder_reads_and_accepts_one_it_does_not():
+    """A window without `count` was answered with trade counts of 0 (issue 22): now a 400 naming the
+    field and the first row without it; a field the model's encoder never reads may be left out."""
+    from atm.serve.advice import encode_window
+
+    with pytest.raises(AdviceInputError, match=r"reads count \(missing from klines\[0\] and 11 more bars\)"):
+        encode_window(_served(), klines_frame(_objects(12, drop=["count"])))
+    with pytest.raises(AdviceInputError, match=r"count \(missing from klines\[4\]\)"):
+        encode_window(_served(), klines_frame(_objects(12, drop=["count"], only_rows={4})))
+    # a bar outside the encoder's window may lack it: the window is what is read
+    ctx, t = encode_window(_served(), klines_frame(_objects(14, drop=["count"], only_rows={0})))
+    assert '"prev_trade_counts"' in ctx
+    # an encoder that reads no counts and no quote volumes: both may be left out
+    ctx2, _ = encode_window(_served(columns=["open_changes", "prev_volumes"]),
+                            klines_frame(_objects(12, drop=["count", "quote_volume", "taker_buy_volume"])))
+    full, _ = encode_window(_served(columns=["open_changes", "prev_volumes"]), klines_frame(_objects(12)))
+    assert ctx2 == full
+    # Binance's 6-value arrays carry no count either
+    with pytest.raises(AdviceInputError, match="reads count"):
+        encode_window(_served(), klines_frame([r[:6] for r in _rows(12)]))
+
+
+def test_advice_by_symbol_refuses_times_outside_the_data_and_gaps(btc_parquet, tmp_path):
+    """`time` after the data was answered for the last minute of the data (issue 22): a time outside
+    is a 400 giving the range; a window with a gap is a 400 naming the missing minute."""
+    from types import SimpleNamespace
+
+    import pandas as pd
+
+    from atm.market.klines import read_klines_parquet
+    from atm.serve.advice import dataset_window
+
+    s = SimpleNamespace(klines={"BTCUSDT": str(btc_parquet)})
+    with pytest.raises(AdviceInputError, match=r"outside the data: BTCUSDT klines cover 2025-08-01T00:00:00\+00:00 "
+                                                r"\.\. 2025-08-11T00:00:00\+00:00; with 64 bars of context, `time` "
+                                                r"can be 2025-08-01T01:04:00\+00:00 \.\. 2025-08-11T00:01:00\+00:00"):
+        dataset_window(s, "BTCUSDT", "2025-09-01T00:00:00Z", 64)
+    with pytest.raises(AdviceInputError, match="outside the data"):
+        dataset_window(s, "BTCUSDT", "2025-08-01T00:30:00Z", 64)
+    last = dataset_window(s, "BTCUSDT", "2025-08-11T00:01:00Z", 64)  # the minute after the last bar
+    assert str(last["open_time"].iloc[-1]) == "2025-08-11 00:00:00+00:00" and len(last) == 64
+    df = read_klines_parquet(btc_parquet)
+    holed = tmp_path / "holed.parquet"
+    df.drop(index=500).reset_index(drop=True).to_parquet(holed)
+    s = SimpleNamespace(klines={"X": str(holed)})
+    gap = pd.Timestamp(df["open_time"].iloc[500]).isoformat()
+    with pytest.raises(AdviceInputError, match=f"gap at {re.escape(gap)}"):
+        dataset_window(s, "X", df["open_time"].iloc[520].isoformat(), 64)
+    assert len(dataset_window(s, "X", df["open_time"].iloc[600].isoformat(), 64)) == 64
+    # bars filled by `atm data build --fill-gaps` are used, and the answer's repairs say so
+    from atm.market.validate import Repairs
+
+    filled = tmp_path / "filled.parquet"
+    df.assign(filled=df.index == 510).to_parquet(filled)
+    rep = Repairs()
+    dataset_window(SimpleNamespace(klines={"Y": str(filled)}), "Y", df["open_time"].iloc[520].isoformat(), 64, rep)
+    (item,) = rep.as_list()
+    assert item["kind"] == "filled_bars" and item["count"] == 1
+
+
+def test_advice_openapi_documents_request_and_response_without_duplicate_ids():
+    """/openapi.json shows /v1/advice's request and response (it showed an empty body), and no longer
+    warns `Duplicate Operation ID ollama_unsupported_api__what__delete`."""
+    import warnings
+
+    from atm.serve.app import create_app
+    from atm.serve.settings import ServeSettings
+
+    app = create_app(ServeSettings(), served={})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        spec = app.openapi()
+    op = spec["paths"]["/v1/advice"]["post"]
+    req = op["requestBody"]["content"]["application/json"]["schema"]
+    assert {"model", "klines", "symbol", "time", "probs"} <= set(req["properties"])
+    assert "count" in req["properties"]["klines"]["description"]
+    resp = op["responses"]["200"]["content"]["application/json"]["schema"]
+    body = spec["components"]["schemas"][resp["$ref"].rsplit("/", 1)[1]]
+    assert {"advice", "advice_source", "scored_advice", "probs", "repairs"} <= set(body["properties"])
+    assert "scored options" in body["properties"]["probs"]["description"]
+    assert not any(p.startswith("/api/{what}") for p in spec["paths"])
+
+
+def test_serve_preflight_refuses_bad_klines_and_a_busy_port(tmp_path, monkeypatch):
+    """Found before any engine starts, each in one line: a --set klines path that is not a klines
+    parquet (it was a 500 at the first request) and a port in use (it was uvicorn's Errno 98 after
+    llama-server came up)."""
+    import socket
+
+    from atm.errors import AtmError
+    from atm.serve.cli import preflight
+    from atm.serve.settings import ServeSettings
+
+    bad = tmp_path / "nope.parquet"
+    with pytest.raises(AtmError, match=r"^klines\.BTCUSDT: .*nope\.parquet.*not found"):
+        preflight(ServeSettings(klines={"BTCUSDT": str(bad)}, port=0))
+    bad.write_text("not parquet")
+    with pytest.raises(AtmError, match=r"^klines\.BTCUSDT: .*not a readable parquet"):
+        preflight(ServeSettings(klines={"BTCUSDT": str(bad)}, port=0))
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen(1)
+    try:
+        port = busy.getsockname()[1]
+        with pytest.raises(AtmError, match=f"cannot listen on 127.0.0.1:{port}: .*another --port"):
+            preflight(ServeSettings(port=port))
+    finally:
+        busy.close()
+    monkeypatch.setenv("ATM_LLAMA_SERVER", "/no/such/llama-server")
+    with pytest.raises(AtmError, match=r"^\$ATM_LLAMA_SERVER=/no/such/llama-server is not an executable file$"):
+        preflight(ServeSettings(models=[{"name": "atm:q8"}], port=0))
+    monkeypatch.delenv("ATM_LLAMA_SERVER")
+    sock = preflight(ServeSettings(port=0))
+    try:
+        assert sock.getsockname()[1] > 0
+    finally:
+        sock.close()
+
+
+def test_advice_request_forms_are_one_or_the_other(btc_parquet):
+    """klines with symbol or time was answered from the klines, the rest ignored: a 400 now."""
+    from types import SimpleNamespace
+
+    from atm.market.validate import Repairs
+    from atm.serve.advice import request_window
+    from atm.serve.api.protocol import AdviceRequest
+
+    s = SimpleNamespace(klines={"BTCUSDT": str(btc_parquet)})
+    enc = _served().get_encoder()
+    for body, msg, param in (
+            ({"klines": _objects(12), "time": "2025-08-05T00:00:00Z"}, "not both (got klines and time)", "time"),
+            ({"klines": _objects(12), "symbol": "BTCUSDT"}, "not both (got klines and symbol)", "symbol"),
+            ({"time": "2025-08-05T00:00:00Z"}, "`time` needs `symbol`", "symbol"),
+            ({"symbol": "BTCUSDT"}, "give `time`", "time"),
+            ({}, "give `klines`", "klines")):
+        with pytest.raises(AdviceInputError, match=re.escape(msg)) as exc:
+            request_window(AdviceRequest(model="m", **body), s, enc, Repairs())
+        assert exc.value.param == param
+    assert len(request_window(AdviceRequest(model="m", klines=_objects(12)), s, enc, Repairs())) == 12

@@ -45,7 +45,8 @@ def register(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--suite", default=None, help="suite YAML (eval/suites/NAME.yaml or NAME); default: default")
     p.add_argument("--data", default=None, help="built dataset dir (datasets/build/NAME); overrides the suite's")
     p.add_argument("--split", default=None, help="split of the items view (default: the suite's, verify)")
-    p.add_argument("--limit", type=int, default=None, help="evaluate at most N items")
+    p.add_argument("--limit", type=int, default=None,
+                   help="evaluate N items evenly spaced over the split (the first N minutes: --set first=N)")
     p.add_argument("--mode", choices=["generate", "loglik"], default=None,
                    help="generate: constrained decoding; loglik: log-prob of each advice (class probabilities)")
     p.add_argument("--concurrency", type=int, default=None,
@@ -114,11 +115,31 @@ def _print_summary(metrics: dict) -> None:
         print(f"{spec:<34} {r['n']:>6} {100 * (rate or 0):>5.1f}% {('n/a' if ba is None else f'{ba:.3f}'):>8} "
               f"{cis:>16} {('n/a' if acc is None else f'{acc:.3f}'):>6} {_num(tok.get('per_item')):>8} "
               f"{_num(tok.get('evaluated')):>6} {_secs(spi):>8}")
+    for line in class_lines(metrics):
+        print(line)
     for v in metrics.get("verdicts") or []:
         print(f"verdict: {v}")
     rep = metrics.get("report")
     if rep:
         print(f"report: {rep['md']} and {rep['html']}")
+
+
+def class_lines(metrics: dict) -> list[str]:
+    """The true classes of the items (as the report gives them) and, when a class is rare, the
+    warning that the figures above rest on very few minutes: beside the table, not only in report.md."""
+    support = next((r["per_class"] for r in metrics["models"].values() if r.get("per_class")), None)
+    if not support:
+        return []
+    counts = {c: v["support"] for c, v in support.items()}
+    tot = sum(counts.values()) or 1
+    out = ["true classes: " + ", ".join(f"{c} {n:,} ({100 * n / tot:.1f}%)" for c, n in counts.items())
+           + f"; always answering the most common scores {100 * max(counts.values()) / tot:.1f}% accuracy"]
+    rare = [c for c, n in counts.items() if n < 10]
+    if rare:
+        out.append(f"WARNING: {', '.join(rare)} occur{'s' if len(rare) == 1 else ''} fewer than 10 times in "
+                   "these items: balanced accuracy and the verdicts rest on very few minutes; evaluate more "
+                   "items (a larger --limit, or none) before concluding anything")
+    return out
 
 
 def _num(x: float | None) -> str:

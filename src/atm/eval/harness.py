@@ -65,7 +65,7 @@ class SuiteConfig(AtmConfig):
     data: DataSpec = Field(default_factory=DataSpec, description="dataset and how to build it")
     split: str = Field("verify", description="split of the items view to evaluate")
     first: int | None = Field(None, ge=1, description="evaluate only the first N minutes of the split (chronological)")
-    limit: int | None = Field(None, ge=1, description="evaluate at most N items (after `first`)")
+    limit: int | None = Field(None, ge=1, description="evaluate N items evenly spaced over the selection (after `first`)")
     mode: str = Field("generate", description="generate (constrained decoding) or loglik (option log-probs)")
     concurrency: int = Field(1, ge=1, description="requests in flight per model")
     baselines: list[str] = Field(default_factory=lambda: ["majority", "prior", "random", "momentum", "persistence"],
@@ -150,7 +150,8 @@ def load_items(dataset_dir: Path, split: str, columns: Sequence[str] | None = No
 
 
 def select_items(df, suite: SuiteConfig, limit: int | None):
-    """Chronological order (so shared prompt prefixes are reused), then `first`, then `limit`."""
+    """Chronological order (so shared prompt prefixes are reused), then `first` (the first N
+    minutes), then `limit` (N items evenly spaced over what is left: ``rundir.spaced_rows``)."""
     sort_col = "open_time" if "open_time" in df.columns else "row"
     df = df.sort_values(sort_col, kind="stable").reset_index(drop=True)
     unlabeled = ~df["label"].isin(ADVICES)
@@ -161,7 +162,7 @@ def select_items(df, suite: SuiteConfig, limit: int | None):
         df = df.iloc[:suite.first]
     lim = limit or suite.limit
     if lim:
-        df = df.iloc[:lim]
+        df = df.iloc[rundir.spaced_rows(len(df), lim)]
     if df.empty:
         raise AtmError("no items to evaluate after selection")
     if df["id"].duplicated().any():
@@ -259,6 +260,7 @@ def run_eval(models: Sequence[str], suite: SuiteConfig, out: str | Path, *, data
     for m in models:  # unknown names fail before any work, listing the valid forms
         if parse_spec(m)[0] == "atm":
             resolve_registry(m)
+    split_given = split is not None
     split = split or suite.split
     mode = mode or suite.mode
     if mode not in ("generate", "loglik"):
@@ -269,7 +271,10 @@ def run_eval(models: Sequence[str], suite: SuiteConfig, out: str | Path, *, data
     dataset_dir = ensure_dataset(suite, data)
     ds = DatasetDir(dataset_dir)
     ipath = ds.require_view("items", split)
-    df = select_items(ds.load_view("items", split), suite, limit)
+    every = ds.load_view("items", split)
+    df = select_items(every, suite, limit)
+    if not quiet:
+        _say_selection(dataset_dir, data, suite, split, split_given, every, df, limit)
     all_ids = df["id"].astype(str).tolist()
     selection = {"selection_sha256": selection_hash(df, [prompt_hash(p) for p in df["prompt"]]
                                                     if "prompt" in df else [""] * len(df)),
@@ -291,7 +296,57 @@ def run_eval(models: Sequence[str], suite: SuiteConfig, out: str | Path, *, data
     card = ds.card()
     dataset_meta = card.to_dict()
 
+    created = not out.exists()
+    fresh = not rundir.is_run(out)
     out.mkdir(parents=True, exist_ok=True)
+    try:
+        return _run(out, models, suite, df, ids, data_info, card, dataset_meta, dataset_dir, mode,
+                    concurrency, with_baselines, retry_failed, quiet, label_config_of)
+    except BaseException:
+        if fresh:
+            _remove_unstarted(out, created)
+        raise
+
+
+def _say_selection(dataset_dir: Path, data: str | None, suite: SuiteConfig, split: str, split_given: bool,
+                   every, df, limit: int | None) -> None:
+    """The run's first lines: which dataset and split (and where each choice came from), which items."""
+    src = "--data" if data else f"suite {suite.name!r} data.dataset (give --data to use another)"
+    log.info("dataset: %s (from %s)", dataset_dir, src)
+    log.info("split: %s (%s)", split, "--split" if split_given else f"suite {suite.name!r}; give --split to change")
+    lim = limit or suite.limit
+    how = "all labeled items"
+    if suite.first:
+        how = f"the first {suite.first} minutes"
+    if lim and lim < len(every):
+        how = (f"evenly spaced over {'those' if suite.first else 'the split'} (--limit {lim}; "
+               "--set first=N takes the first N minutes instead)")
+    first = str(df["open_time"].iloc[0]) if "open_time" in df else "?"
+    last = str(df["open_time"].iloc[-1]) if "open_time" in df else "?"
+    log.info("items: %s of %s, %s: %s .. %s", f"{len(df):,}", f"{len(every):,}", how, first, last)
+
+
+def _remove_unstarted(out: Path, created: bool) -> None:
+    """A new run that failed before any model answered (a mistyped model, a provider that cannot
+    start) leaves nothing behind: its manifest, truth and empty prediction files go (and ``out``
+    when this run created it)."""
+    pdir = out / rundir.PREDICTIONS
+    preds = list(pdir.glob("*.jsonl")) if pdir.is_dir() else []
+    if any(p.stat().st_size for p in preds):
+        return  # answers were written: keep the run (it resumes)
+    for p in preds:
+        p.unlink(missing_ok=True)
+    if pdir.is_dir() and not any(pdir.iterdir()):
+        pdir.rmdir()
+    for name in (rundir.MANIFEST, rundir.TRUTH):
+        (out / name).unlink(missing_ok=True)
+    if created and out.is_dir() and not any(out.iterdir()):
+        out.rmdir()
+
+
+def _run(out: Path, models, suite: SuiteConfig, df, ids, data_info, card, dataset_meta, dataset_dir: Path,
+         mode: str, concurrency: int, with_baselines: bool, retry_failed: bool, quiet: bool,
+         label_config_of) -> dict[str, Any]:
     manifest: dict[str, Any]
     if rundir.is_run(out):
         manifest = rundir.read_manifest(out)
@@ -299,7 +354,7 @@ def run_eval(models: Sequence[str], suite: SuiteConfig, out: str | Path, *, data
         if old.get("ids_sha256") != data_info["ids_sha256"] or old.get("items_sha256") != data_info["items_sha256"]:
             raise AtmError(
                 f"{out} holds a run on other items ({old.get('path')}, split {old.get('split')}, "
-                f"{old.get('n_items')} items; now {dataset_dir}, {split}, {len(ids)}): use another --out")
+                f"{old.get('n_items')} items; now {dataset_dir}, {data_info['split']}, {len(ids)}): use another --out")
     else:
         manifest = {"format": 1, "suite": suite.to_dict(), "data": data_info, "models": {},
                     "dataset_config": card.config,

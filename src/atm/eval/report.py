@@ -28,8 +28,9 @@ HOW_TO_READ = [
     "Invalid answers (unparseable or off-schema JSON, requests that failed after their retries) count as "
     "WRONG everywhere: they sit in the INVALID column of the confusion matrix and are never dropped.",
     "Intervals are {level}% circular moving-block bootstrap percentiles ({n_boot} replicates, blocks of "
-    "{block} minutes = max(label horizon {horizon}, sqrt(n))): neighbouring minutes share their future "
-    "window, so an i.i.d. bootstrap would be too narrow.",
+    "{block} minutes = max(label look-ahead {horizon}, sqrt(n)); the look-ahead is how many minutes past t "
+    "the label rule actually reads, which can differ from the label config's `horizon` field shown above): "
+    "neighbouring minutes share their future window, so an i.i.d. bootstrap would be too narrow.",
     "A model is called better than a reference only when the paired block-bootstrap interval of the "
     "difference (same resampled minutes for both) lies entirely above 0, for every reference. McNemar's "
     "p-value is shown too but assumes independent minutes; it is not used for the verdict.",
@@ -214,7 +215,7 @@ def fig_confusions(models: dict[str, Any]) -> bytes:
         m = np.array(cm["matrix"], dtype=float)
         norm = m / np.clip(m.sum(axis=1, keepdims=True), 1, None)
         ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
-        ax.set_xticks(range(len(cm["cols"])), [c[:4] for c in cm["cols"]], fontsize=8)
+        ax.set_xticks(range(len(cm["cols"])), cm["cols"], fontsize=7)  # full names: INVALID, not INVA
         ax.set_yticks(range(len(cm["rows"])), cm["rows"], fontsize=8)
         ax.set_xlabel("predicted", fontsize=8)
         ax.set_ylabel("true", fontsize=8)

@@ -200,6 +200,18 @@ def shard_rows(n_items: int, k: int, n: int) -> range:
     return range(k - 1, n_items, n)
 
 
+SPACED_RULE = "item floor(i * M / N) of the M selected, i = 0..N-1 (evenly spaced over the period)"
+
+
+def spaced_rows(n_items: int, limit: int) -> list[int]:
+    """``--limit N``: N items evenly spaced over the chronological selection of ``n_items`` (all of
+    them when N >= n_items), so a small run spans the whole period, as shards do (``shard_rows``),
+    instead of its first N minutes (``first`` takes those)."""
+    if limit >= n_items:
+        return list(range(n_items))
+    return [i * n_items // limit for i in range(limit)]
+
+
 def shard_of(run_dir: str | Path) -> dict[str, Any] | None:
     """``{"k", "n", "rule"}`` of a shard run directory (``atm-eval run --shard K/N``), else None."""
     if not is_run(run_dir):

@@ -52,6 +52,10 @@ def cmd_list(args: argparse.Namespace) -> int:
         return 0
     print(format_table([e.summary() for e in entries],
                        ["name", "quant", "size_mb", "sha256", "valid_rate", "agree_hf", "created"]))
+    unchecked = sorted({e.name for e in entries if not e.fidelity})
+    if unchecked:
+        print("VALID_RATE / AGREE_HF '-': not measured yet (`atm demo` and `atm export gguf` without --check "
+              "skip it); run " + " and ".join(f"`atm export check --name {n}`" for n in unchecked))
     return 0
 
 

@@ -423,10 +423,13 @@ def _build_entry(raw, fn, map_kwargs: dict[str, Any], entry: Path, inputs: dict[
 
 @contextlib.contextmanager
 def _progress_bars():
-    """datasets' progress bars off while building when ATM_NO_PROGRESS=1 (as ATM's own bars)."""
+    """datasets' progress bars off while building when ATM's own bars are off
+    (``atm.utils.progress_off``: ATM_NO_PROGRESS=1 or no terminal)."""
     from datasets.utils import logging as dlog
 
-    off = os.environ.get("ATM_NO_PROGRESS") == "1" and dlog.is_progress_bar_enabled()
+    from atm.utils import progress_off
+
+    off = progress_off() and dlog.is_progress_bar_enabled()
     if off:
         dlog.disable_progress_bar()
     try:

@@ -19,6 +19,7 @@ from typing import Any, Iterable
 
 from atm.errors import AtmError, ConfigError, DataError, require
 from atm.finetune.config import FinetuneConfig
+from atm.utils import progress_off
 from atm.finetune.data import check_lengths, dataset_summary, load_split, split_file  # noqa: F401 - used by tests
 
 VIEWS = {"sft": ("sft", ["messages"]), "orpo": ("preference", ["prompt", "chosen", "rejected"]),
@@ -189,7 +190,7 @@ def _common_args(cfg: FinetuneConfig) -> dict[str, Any]:
         save_total_limit=cfg.save_total_limit, logging_strategy="steps",
         logging_steps=cfg.logging_steps, report_to=report or "none",
         dataloader_num_workers=cfg.dataloader_num_workers,
-        disable_tqdm=os.environ.get("ATM_NO_PROGRESS") == "1", use_cpu=_no_accelerator(),
+        disable_tqdm=progress_off(), use_cpu=_no_accelerator(),
     )
 
 

@@ -39,7 +39,8 @@ exit status: 0 when nothing failed (days missing upstream are reported, not fail
     p.add_argument("--interval", default="1m", help="kline interval (1s, 1m, 5m, 1h, 1d, ...)")
     p.add_argument("--start", required=True, help="first day YYYY-MM-DD (or month YYYY-MM), inclusive")
     p.add_argument("--end", required=True, help="last day YYYY-MM-DD (or month YYYY-MM), inclusive")
-    p.add_argument("--market", default="spot", choices=["spot", "futures/um", "futures/cm"])
+    p.add_argument("--market", default="spot", choices=["spot", "futures/um", "futures/cm"],
+                   help="Binance market: spot, futures/um (USD-M perpetuals) or futures/cm (COIN-M)")
     p.add_argument("--granularity", default="daily", choices=["daily", "monthly"],
                    help="daily zips or monthly zips")
     p.add_argument("--base-url", default=None, help="public-data site (default https://data.binance.vision)")
@@ -86,13 +87,14 @@ def _add_build(sub) -> None:
                     "Bad rows stop the build with FILE:LINE; exact duplicate minutes are dropped and "
                     "counted; gaps are reported and, with --fill-gaps, forward-filled (filled=True).",
         epilog="""examples:
-  atm data build --raw datasets/samples/binance --symbol BTCUSDT --out runs/data/btcusdt.parquet
+  atm data build --raw datasets/samples/binance --symbol BTCUSDT
   atm data build --raw datasets/samples/binance --symbol BNBBTC --fill-gaps
   atm data build --raw data/binance --symbol BTCUSDT --market futures/um --out runs/data/btc-perp.parquet""")
     p.add_argument("--raw", required=True, help="Binance layout root (holding data/) or a folder of zips/CSVs")
     p.add_argument("--symbol", required=True, help="trading pair, e.g. BTCUSDT")
     p.add_argument("--interval", default="1m", help="kline interval")
-    p.add_argument("--market", default="spot", choices=["spot", "futures/um", "futures/cm"])
+    p.add_argument("--market", default="spot", choices=["spot", "futures/um", "futures/cm"],
+                   help="Binance market: spot, futures/um (USD-M perpetuals) or futures/cm (COIN-M)")
     p.add_argument("--out", default=None,
                    help="output parquet (default runs/data/<symbol>-<interval>.parquet)")
     p.add_argument("--fill-gaps", action="store_true",
@@ -141,8 +143,8 @@ def _add_info(sub) -> None:
         description="Check a klines parquet against the frame contract and print its summary "
                     "(and its sidecar's, when present).",
         epilog="""examples:
-  atm data info runs/data/btcusdt.parquet
-  atm data info runs/data/btcusdt.parquet --json""")
+  atm data info runs/data/btcusdt-1m.parquet
+  atm data info runs/data/btcusdt-1m.parquet --json""")
     p.add_argument("path", help="klines parquet written by `atm data build`")
     p.add_argument("--json", action="store_true", help="print as JSON")
     p.set_defaults(func=_info)

@@ -28,9 +28,9 @@ def _add_build(sub) -> None:
                     "klines.parquet, dataset.json and a dataset card (README.md). Written atomically.",
         epilog="""examples:
   atm prompts build --config datasets/recipes/sample-seed.yaml
-  atm prompts build --klines runs/data/btcusdt.parquet --encoder seed-json --template prompts/seed.yaml \\
+  atm prompts build --klines runs/data/btcusdt-1m.parquet --encoder seed-json --template prompts/seed.yaml \\
       --label seed --pairs random --out datasets/build/btc-seed
-  atm prompts build --klines runs/data/btcusdt.parquet --encoder natural --template prompts/natural.yaml \\
+  atm prompts build --klines runs/data/btcusdt-1m.parquet --encoder natural --template prompts/natural.yaml \\
       --label fee-aware --pairs reward --min-margin 5 --split verify=0.25 --split embargo=240 \\
       --out datasets/build/btc-natural
   atm prompts build --config datasets/recipes/sample-seed.yaml --set fewshot_k=3 --set out=datasets/build/x --overwrite
@@ -132,9 +132,9 @@ def _add_show(sub) -> None:
   atm prompts show --dataset datasets/build/sample-seed --n 3 --family smollm2
   atm prompts show --dataset datasets/build/sample-seed --family qwen2.5,llama-3.2,phi-3,smollm2 --n 1
   atm prompts show --dataset datasets/build/sample-seed --split train --n 2 --model runs/base-tiny
-  atm prompts show --klines runs/data/btcusdt.parquet --template compact --n 1 --family smollm2
-  atm prompts show --klines runs/data/btcusdt.parquet --encoder natural --template prompts/natural.yaml --n 1
-  atm prompts show --klines runs/data/btcusdt.parquet --encoder digits --template seed --n 2 --json
+  atm prompts show --klines runs/data/btcusdt-1m.parquet --template compact --n 1 --family smollm2
+  atm prompts show --klines runs/data/btcusdt-1m.parquet --encoder natural --template prompts/natural.yaml --n 1
+  atm prompts show --klines runs/data/btcusdt-1m.parquet --encoder digits --template seed --n 2 --json
 families: qwen2.5, llama-3.2, phi-3, smollm2 (ATM's rebuilt tokenizers: `atm doctor --build` makes them)""")
     p.add_argument("--dataset", default=None, help="a dataset folder built by `atm prompts build`")
     p.add_argument("--split", default="verify", help="split to show from a dataset")

@@ -28,5 +28,9 @@ def load_causal_lm(path: str | Path, device: str | None = None) -> CausalLM:
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    from atm.utils import progress_off
+
+    if progress_off():  # transformers' "Loading weights" bar: only on a terminal, as ATM's own
+        transformers.utils.logging.disable_progress_bar()
     model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
     return CausalLM(model=model, tokenizer=tok, device=device)

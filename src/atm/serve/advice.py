@@ -9,7 +9,11 @@ The advised minute t is the one after the last kline given (or the ``time`` aske
 dataset's klines): only bars before t are encoded, as at the open of t. Klines sent in the request
 are checked by the rules ``atm data build`` applies to files (``atm.market.validate``): a bad bar
 is a 400 naming ``klines[i]``, rows out of order are sorted and reported in the answer's
-``repairs``, as the build reports them.
+``repairs``, as the build reports them. Nothing is filled in silently: a field the model's encoder
+reads that a bar lacks, a ``time`` outside the served data and a gap in its window are 400s naming
+them; bars the build filled (``--fill-gaps``) are used and listed in ``repairs``. The answer names
+its two measurements: ``advice`` is the generated answer, ``probs`` the scored options
+(``scored_advice`` their most likely).
 """
 
 from __future__ import annotations
@@ -66,6 +70,7 @@ def klines_frame(rows: list[Any], repairs: Repairs | None = None):
         raise AdviceInputError("klines is empty")
     repairs = repairs if repairs is not None else Repairs()
     recs: dict[str, list] = {c: [] for c in COLUMNS}
+    missing: dict[str, list[int]] = {}  # optional column -> rows that did not give it
     for i, row in enumerate(rows):
         where = f"klines[{i}]"
         if isinstance(row, list):
@@ -81,6 +86,8 @@ def klines_frame(rows: list[Any], repairs: Repairs | None = None):
             if v is None:
                 if c in PRICE_COLUMNS or c == "volume":
                     raise AdviceInputError(f"{where}: {c} is missing")
+                # a placeholder only: encode_window answers 400 if the model's encoder reads it
+                missing.setdefault(c, []).append(i)
                 v = 0
             try:
                 if isinstance(v, bool):
@@ -120,34 +127,75 @@ def klines_frame(rows: list[Any], repairs: Repairs | None = None):
                                "consecutive minutes")
     df["count"] = df["count"].astype("int64")
     df["close_time"] = df["open_time"] + pd.Timedelta(milliseconds=59_999)
-    return df[list(COLUMNS)]
+    out = df[list(COLUMNS)]
+    # column -> (first request row without it, positions of the rows without it after sorting)
+    out.attrs["missing"] = {c: (rows_[0], np.flatnonzero(np.isin(order, rows_)).tolist())
+                            for c, rows_ in missing.items()}
+    return out
 
 
 _DATASETS: dict[str, Any] = {}
 
 
-def dataset_window(settings, symbol: str, when: Any, need: int):
-    """The ``need`` bars before minute ``when`` from the configured klines of ``symbol``."""
+def dataset_window(settings, symbol: str, when: Any, need: int, repairs: Repairs | None = None):
+    """The ``need`` bars before minute ``when`` from the configured klines of ``symbol``: the
+    consecutive minutes t-need .. t-1. A time outside what the data can answer is a 400 giving the
+    range; a window with a gap is a 400 naming it; bars the build filled in (``--fill-gaps``) are
+    used and reported in ``repairs``."""
+    import pandas as pd
 
     path = settings.klines.get(symbol) or settings.klines.get(symbol.upper())
     if path is None:
         known = ", ".join(settings.klines) or "none (set `klines:` in the serve config)"
         raise AdviceInputError(f"no klines configured for symbol {symbol!r}; configured: {known}", "symbol")
+    df = load_klines(path)
+    if when is None:
+        raise AdviceInputError("give `time` (the minute to advise) with `symbol`", "time")
+    t = _to_ts(when, "time").floor("min")
+    ns = df["open_time"].astype("int64").to_numpy()
+    if not len(ns):
+        raise AdviceInputError(f"{symbol}: the configured klines have no bars", "symbol")
+    first, last = df["open_time"].iloc[0], df["open_time"].iloc[-1]
+    lo = first + pd.Timedelta(minutes=need)  # the earliest minute with `need` bars before it
+    hi = last + pd.Timedelta(minutes=1)  # the minute after the last bar
+    span = (f"{symbol} klines cover {first.isoformat()} .. {last.isoformat()}; with {need} bars of "
+            f"context, `time` can be {lo.isoformat()} .. {hi.isoformat()}")
+    if t > hi or t < lo:
+        raise AdviceInputError(f"time {t.isoformat()} is outside the data: {span}", "time")
+    end = int(np.searchsorted(ns, t.value))  # rows before t
+    win = df.iloc[end - need:end].reset_index(drop=True)
+    wns = ns[end - need:end]
+    expect = t.value - MINUTE_NS * np.arange(need, 0, -1)
+    if len(wns) < need or (wns != expect).any():
+        have = set(int(x) for x in wns)
+        gap = next(int(x) for x in expect if int(x) not in have)
+        raise AdviceInputError(f"time {t.isoformat()}: {symbol} klines have a gap at "
+                               f"{_iso(gap)} inside the {need} minutes before it (no bar; rebuild with "
+                               "`atm data build --fill-gaps` to fill gaps, reported as repairs)", "time")
+    if repairs is not None and "filled" in win.columns and win["filled"].any():
+        idx = np.flatnonzero(win["filled"].to_numpy(bool))
+        repairs.add("filled_bars", "bars missing upstream, filled by `atm data build --fill-gaps` "
+                    "(OHLC = previous close, volumes 0)", int(idx.size),
+                    [_iso(int(wns[k])) for k in idx[:MAX_LISTED]])
+    return win
+
+
+def _iso(ns: int) -> str:
+    import pandas as pd
+
+    return pd.Timestamp(ns, tz="UTC").isoformat()
+
+
+def load_klines(path: str):
+    """The klines parquet at ``path``, read once per server (``atm serve`` checks every configured
+    path at start, so a bad one is refused before the port is bound)."""
     df = _DATASETS.get(path)
     if df is None:
         from atm.market.klines import read_klines_parquet
 
         df = read_klines_parquet(path)
         _DATASETS[path] = df
-    if when is None:
-        raise AdviceInputError("give `time` (the minute to advise) with `symbol`", "time")
-    t = _to_ts(when, "time").floor("min")
-    ns = df["open_time"].astype("int64").to_numpy()
-    end = int(np.searchsorted(ns, t.value))  # rows before t
-    if end < need:
-        raise AdviceInputError(f"{symbol}: only {end} bars before {t.isoformat()}, the encoder needs {need}",
-                               "time")
-    return df.iloc[end - need:end].reset_index(drop=True)
+    return df
 
 
 def _with_target_row(df):
@@ -171,6 +219,28 @@ def _with_target_row(df):
     return pd.concat([df, pd.DataFrame([row]).astype(df.dtypes.to_dict())], ignore_index=True)
 
 
+def request_window(req, settings, enc, repairs: Repairs):
+    """The bars a request asks about: its ``klines``, or ``symbol`` + ``time`` from the served data.
+    Both forms at once, or half of the second, is a 400 (nothing given is silently ignored)."""
+    if req.klines is not None:
+        extra = [f for f in ("symbol", "time") if getattr(req, f) is not None]
+        if extra:
+            raise AdviceInputError(f"give either `klines` or `symbol` + `time`, not both (got klines and "
+                                   f"{' and '.join(extra)})", extra[0])
+        return klines_frame(req.klines, repairs)
+    if req.symbol:
+        return dataset_window(settings, req.symbol, req.time, window_bars(enc), repairs)
+    if req.time is not None:
+        raise AdviceInputError("`time` needs `symbol` (a symbol the server has klines for)", "symbol")
+    raise AdviceInputError("give `klines` (a window of 1m klines) or `symbol` and `time`")
+
+
+def window_bars(enc) -> int:
+    """Bars taken from a dataset before the advised minute (the ``symbol``/``time`` path): the
+    encoder's lookback + 1, at least 64 (features such as the natural encoder's warm up on them)."""
+    return max(enc.lookback + 1, 64)
+
+
 def encode_window(m, df) -> tuple[str, str]:
     """(context text, ISO time of the advised minute) for the minute after ``df``'s last bar."""
     enc = m.get_encoder()
@@ -179,9 +249,26 @@ def encode_window(m, df) -> tuple[str, str]:
                                f"({enc.name}) needs at least {enc.lookback}")
     full = _with_target_row(df)
     t = len(full) - 1
-    features = enc.compute_features(full) if getattr(enc, "needs_features", False) else None
-    context = enc.encode(full, np.array([t], dtype=np.int64), features)[0]
+    context = _encode(enc, full, t)
+    missing = df.attrs.get("missing") or {}
+    if missing:  # columns the request left out: refuse the ones this encoder reads
+        read = []
+        for col, (first, where) in missing.items():
+            probe = full.copy()
+            probe.loc[where, col] = 7  # any other value: the placeholder was 0
+            if _encode(enc, probe, t) != context:
+                n = len(where)
+                read.append(f"{col} (missing from klines[{first}]"
+                            f"{f' and {n - 1} more bars' if n > 1 else ''})")
+        if read:
+            raise AdviceInputError(f"klines: the model's encoder ({enc.name}) reads "
+                                   f"{', '.join(read)}: send it for every bar")
     return context, full["open_time"].iloc[t].isoformat()
+
+
+def _encode(enc, full, t: int) -> str:
+    features = enc.compute_features(full) if getattr(enc, "needs_features", False) else None
+    return enc.encode(full, np.array([t], dtype=np.int64), features)[0]
 
 
 def class_probs(resp: dict[str, Any], text: str) -> dict[str, float] | None:
@@ -208,12 +295,7 @@ async def advise(request, m, req, settings, call_cancellable) -> dict[str, Any]:
     except Exception as exc:  # noqa: BLE001 - a model without its metadata is a client-visible 400
         raise AdviceInputError(f"model {m.name!r} cannot give advice: {exc}", "model") from None
     repairs = Repairs()
-    if req.klines is not None:
-        df = klines_frame(req.klines, repairs)
-    elif req.symbol:
-        df = dataset_window(settings, req.symbol, req.time, max(enc.lookback + 1, 64))
-    else:
-        raise AdviceInputError("give `klines` (a window of 1m klines) or `symbol` and `time`")
+    df = request_window(req, settings, enc, repairs)
     context, for_time = encode_window(m, df)
     messages = template.render(context)
     ereq = EngineRequest(model=m.name, messages=messages, max_tokens=req.max_tokens, temperature=req.temperature,
@@ -243,7 +325,8 @@ async def advise(request, m, req, settings, call_cancellable) -> dict[str, Any]:
     return {
         "model": m.name, "time": for_time,
         "last_kline": last_open.isoformat(),
-        "advice": parsed.advice,
+        "advice": parsed.advice, "advice_source": "generated",
+        "scored_advice": max(probs, key=probs.get) if probs else None,
         "predicted_open_change": json.loads(text)["predicted_open_change"] if parsed.valid else None,
         "valid": parsed.valid, "reason": parsed.reason, "probs": probs, "raw": text,
         "context": context, "messages": messages,

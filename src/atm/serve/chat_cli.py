@@ -7,7 +7,7 @@ import os
 
 EPILOG = """examples:
   atm serve --model atm:q8 &                      # the API the page talks to
-  atm chat --api http://127.0.0.1:8000 --model atm:q8 --klines runs/data/btcusdt.parquet
+  atm chat --api http://127.0.0.1:8000 --model atm:q8 --klines runs/data/btcusdt-1m.parquet
   atm chat --api http://127.0.0.1:8000 --model atm:q8 --klines BTCUSDT-1m-2024-01-01.csv --port 7861
 
 The page has no model in it: advice comes from the server's /v1/advice, chat from

@@ -5,6 +5,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import socket
 
 EPILOG = """examples:
   atm serve --model atm:q8
@@ -58,10 +62,12 @@ def load_settings(args: argparse.Namespace):
         v = getattr(args, key, None)
         if v is not None:
             data[key] = v
+    set_keys = []
     for item in args.overrides:
         k, v = parse_override(item)
         _set_path(data, k, v)
-    return validate(ServeSettings, data, source=args.config or "atm serve")
+        set_keys.append(k)
+    return validate(ServeSettings, data, source=args.config or "atm serve", set_keys=set_keys)
 
 
 def _set_path(data: dict, key: str, value) -> None:
@@ -88,6 +94,47 @@ def _set_path(data: dict, key: str, value) -> None:
             node = node[part]
 
 
+def preflight(settings) -> socket.socket:
+    """Everything that can be checked before an engine starts, each failure one line (AtmError):
+    the llama-server binary (when an engine needs it), every configured klines file (``--set
+    klines.SYM=PATH``) reads as a klines parquet, and the address is free. Returns the bound, listening socket (handed to uvicorn: no race for the port)."""
+    import errno
+    import socket
+
+    from atm.errors import AtmError
+    from atm.serve.advice import load_klines
+
+    if any((m.engine or settings.engine) == "llama-server" for m in settings.models):
+        from atm.runtime.llama_server import binary
+
+        binary()  # not found: one line naming `atm doctor --build`, not a traceback after the bind
+    for sym, path in settings.klines.items():
+        try:
+            df = load_klines(path)  # read once; /v1/advice reuses it
+        except AtmError as exc:
+            raise AtmError(f"klines.{sym}: {exc}") from None
+        except Exception as exc:  # noqa: BLE001 - a parquet the reader cannot parse is the user's file
+            raise AtmError(f"klines.{sym}: {path}: not a klines parquet ({type(exc).__name__}: {exc})") from None
+        if not len(df):
+            raise AtmError(f"klines.{sym}: {path}: has no bars")
+    try:
+        infos = socket.getaddrinfo(settings.host, settings.port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise AtmError(f"--host {settings.host}: not an address this machine can bind ({exc.strerror})") from None
+    family, kind, proto, _, addr = infos[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: TIME_WAIT is no conflict
+    try:
+        sock.bind(addr)
+        sock.listen(2048)
+    except OSError as exc:
+        sock.close()
+        hint = " (another server is running there: pick another --port)" if exc.errno == errno.EADDRINUSE else ""
+        raise AtmError(f"cannot listen on {settings.host}:{settings.port}: {exc.strerror}{hint}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
 def run(args: argparse.Namespace) -> int:
     from atm.errors import AtmError, require
 
@@ -99,13 +146,16 @@ def run(args: argparse.Namespace) -> int:
     uvicorn = require("uvicorn", "serve")
     from atm.serve.app import create_app
 
-    app = create_app(settings)
+    app = create_app(settings)  # resolves the models (an unknown one is refused here)
+    sock = preflight(settings)  # before any engine starts
+    port = sock.getsockname()[1]
+    url = f"http://{settings.host if ':' not in settings.host else f'[{settings.host}]'}:{port}"
     key = settings.resolved_api_key()
     if settings.host not in ("127.0.0.1", "localhost", "::1") and not key:
         print(f"atm serve: warning: binding {settings.host} without an API key: anyone who can reach "
               "this port can use the models", file=sys.stderr)
     names = ", ".join(m.name for m in settings.models)
-    print(f"atm serve: starting {names} ({settings.engine}) on http://{settings.host}:{settings.port}"
+    print(f"atm serve: starting {names} ({settings.engine}) on {url}"
           f"{' (API key required)' if key else ''}", file=sys.stderr, flush=True)
     kw = {}
     try:
@@ -120,11 +170,22 @@ def run(args: argparse.Namespace) -> int:
         kw["http"] = "httptools"
     except ImportError:
         pass
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
+    config = uvicorn.Config(app, host=settings.host, port=port, log_level=settings.log_level,
                             access_log=settings.log_level == "debug", timeout_graceful_shutdown=10,
                             **kw)
-    server = uvicorn.Server(config)
-    server.run()
+
+    class Server(uvicorn.Server):
+        async def startup(self, sockets=None):
+            await super().startup(sockets=sockets)
+            if not self.should_exit:
+                print(f"atm serve: ready at {url} (models: {names}; API docs at {url}/docs; "
+                      f"Ctrl-C stops)", file=sys.stderr, flush=True)
+
+    server = Server(config)
+    try:
+        server.run(sockets=[sock])
+    finally:
+        sock.close()
     # uvicorn exits quietly when the lifespan (engine start) fails; say so with a non-zero code
     if not getattr(server, "started", False):
         print("atm serve: did not start (see the error above)", file=sys.stderr)

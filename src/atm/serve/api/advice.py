@@ -9,13 +9,18 @@ from starlette.responses import Response
 
 from atm.serve.api.deps import ClientGone, ServeState, call_cancellable, read_request, serve_state
 from atm.serve.api.errors import ApiError, dumps
-from atm.serve.api.protocol import AdviceRequest
+from atm.serve.api.protocol import AdviceRequest, AdviceResponse
 
 router = APIRouter()
 
 
-@router.post("/v1/advice")
+@router.post("/v1/advice", response_model=AdviceResponse, summary="market advice for the minute after a window",
+             description=AdviceResponse.__doc__,
+             openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
+                 "schema": AdviceRequest.model_json_schema()}}}},
+             responses={400: {"description": "bad input, naming the field (`error.param`) and the place"}})
 async def advice(request: Request, st: ServeState = Depends(serve_state)):
+    """The body is read by the strict reader (``read_request``); ``AdviceRequest`` documents it."""
     from atm.serve import advice as adv  # numpy, pandas and the encoders load on first use
 
     req, m = await read_request(request, st, AdviceRequest)

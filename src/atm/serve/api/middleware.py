@@ -8,6 +8,7 @@ any route but ``/health``), 400 (bad Content-Length) and 413 (a declared body ov
 from __future__ import annotations
 
 import hmac
+import logging
 import time
 
 from atm.serve.api.errors import error_body
@@ -15,6 +16,8 @@ from atm.serve.api.metrics import Metrics
 from atm.serve.settings import ServeSettings
 
 # route labels of the metrics (anything else is "other", so a scan cannot blow up the label set)
+log = logging.getLogger("atm.serve.requests")  # one line per request: `atm serve` shows it (INFO)
+
 ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/advice", "/api/chat",
           "/api/generate", "/api/tags", "/api/show", "/api/ps", "/api/version", "/health", "/metrics")
 
@@ -39,6 +42,8 @@ class Gate:
                 status_box[0] = message["status"]
             elif message["type"] == "http.response.body" and not message.get("more_body"):
                 self._observe(route, status_box[0], t0)
+                log.info("%s %s %d %.0f ms", scope.get("method", ""), path, status_box[0],
+                         (time.perf_counter() - t0) * 1000)
             await send(message)
 
         if self.key and path != "/health":

@@ -149,7 +149,9 @@ async def ollama_version():
     return {"version": ollama_codec.VERSION}
 
 
-@router.api_route("/api/{what}", methods=["GET", "POST", "DELETE", "HEAD"])
+# one route for four methods: out of the OpenAPI schema (FastAPI would give the four operations one
+# id and log "Duplicate Operation ID" on every /openapi.json); the module docstring lists them
+@router.api_route("/api/{what}", methods=["GET", "POST", "DELETE", "HEAD"], include_in_schema=False)
 async def ollama_unsupported(what: str):
     raise ApiError(501 if what in ("pull", "push", "create", "delete", "copy", "embed", "embeddings", "blobs")
                    else 404,
