@@ -325,7 +325,10 @@ def test_constant_answer_interval_is_exact_in_the_report(sample_dataset, tmp_pat
     from atm.eval.harness import run_eval
 
     out = tmp_path / "run"
+    from atm.eval.report import write_report
+
     run_eval(["baseline:majority"], _suite(), out, data=str(sample_dataset), limit=400, quiet=True)
+    write_report([out])
     m = json.loads((out / "metrics.json").read_text())
     maj = m["models"]["baseline:majority"]
     support = {c: v["support"] for c, v in maj["per_class"].items()}
