@@ -6,10 +6,12 @@ the shared part across items, and every answer goes through the one strict parse
 (``atm.prompting.advice.parse_advice``): no regex rescue of free text.
 
 Modes:
-- ``generate``: constrained decoding to ``prompts/advice.schema.json`` in each engine (llama.cpp:
-  a ``LlamaGrammar`` built once from the schema, since llama-cpp-python silently ignores
-  ``response_format={"type": "json_schema"}``; OpenAI-compatible: ``response_format`` json_schema;
-  Ollama: ``format`` = the schema; transformers: ``atm.prompting.hf_constraint``, lm-format-enforcer).
+- ``generate``: constrained decoding to the model's answer contract (``atm.prompting.contract``:
+  template, answer order, schema, grammar, resolved in one place), the same grammar on every
+  engine: llama.cpp in process and ATM's llama-server get its GBNF, vLLM the GBNF through
+  ``structured_outputs``, transformers its regex (``atm.prompting.hf_constraint``); ``atm serve``
+  (an ``openai:`` endpoint) turns the ``response_format`` schema into that grammar itself; other
+  OpenAI-compatible servers get ``response_format`` json_schema and Ollama ``format`` = the schema.
 - ``loglik``: the log-probability of each advice option after the prompt (and the answer text that
   precedes the advice value), normalized over BUY/NOOP/SELL -> class probabilities. The shipped answer
   format writes ``predicted_open_change`` BEFORE ``advice``, so the change is decoded greedily
@@ -35,8 +37,8 @@ from atm.constants import ADVICES
 from atm.errors import AtmError, require
 from atm.eval.providers import GenerationSpec, Prediction, Provider, token_counts
 from atm.runtime.llamacpp import common_prefix
-from atm.prompting.answer import (DEFAULT_ANSWER, answer_pieces, change_pattern, most_likely, probs_from_logliks,
-                                  probs_from_top_logprobs)
+from atm.prompting.answer import most_likely, probs_from_logliks, probs_from_top_logprobs
+from atm.prompting.contract import AnswerContract, dataset_template_of, resolve_contract
 from atm.prompting.xgrammar_schema import xgrammar_safe_schema
 
 RAW_KEEP = 4000  # characters of a raw answer kept in the results file (a rambling model can't bloat it)
@@ -51,13 +53,10 @@ def _gen(options: dict[str, Any]) -> dict[str, Any]:
     return GenerationSpec(**g).to_dict() if not isinstance(g, GenerationSpec) else g.to_dict()
 
 
-def _schema(answer_format: str | None = None) -> dict[str, Any]:
-    """The answer schema, its properties in the order of ``answer_format`` (a template's answer text):
-    constrained decoders write them in schema order, so the model answers in its trained order."""
-    from atm.prompting.advice import load_schema
-    from atm.prompting.answer import answer_order
-
-    return load_schema(answer_order(answer_format) if answer_format else None)
+def model_contract(options: dict[str, Any], model: Any = None) -> AnswerContract:
+    """The answer contract of ``model`` (a registry entry, a model card, or None), with the template
+    the items were rendered with as the fallback: ``atm.prompting.contract.resolve_contract``."""
+    return resolve_contract(model, dataset_template=dataset_template_of(options.get("dataset_meta")))
 
 
 def parsed_prediction(item_id: str, raw: str | None, latency: float, tokens: dict | None = None,
@@ -72,17 +71,6 @@ def parsed_prediction(item_id: str, raw: str | None, latency: float, tokens: dic
         extra["raw_chars"] = len(raw)
     return Prediction(id=item_id, raw=kept, advice=p.advice, predicted_change=p.predicted_change,
                       valid=p.valid, reason=reason, latency=latency, tokens=tokens, extra=extra)
-
-
-def _answer_format(options: dict[str, Any], entry_template: str | None = None) -> str:
-    """The answer format (``'{{"predicted_open_change": "{change}", "advice": "{advice}"}}'``) of
-    the model's template, else of the template the items were rendered with, else the default."""
-    from atm.prompting.template import answer_format_of
-
-    for text in (entry_template, ((options.get("dataset_meta") or {}).get("template") or {}).get("yaml")):
-        if text:
-            return answer_format_of(text)
-    return DEFAULT_ANSWER
 
 
 class _Retrying(Provider):
@@ -180,12 +168,13 @@ class OpenAIProvider(_Retrying):
         self.client = openai.OpenAI(base_url=self.base_url, api_key=key, max_retries=0,
                                     timeout=float(self.gen["timeout"]))
         self._openai = openai
-        self.schema = _schema(_answer_format(options))
+        self.contract = options.get("contract") or model_contract(options)
+        self.schema = self.contract.schema
         # extra request fields for the server (ATM's own llama-server: cache_prompt, and its GBNF
-        # grammar in place of response_format)
+        # grammar in place of response_format; vLLM: structured_outputs with that grammar)
         self.extra_body = dict(options.get("extra_body") or {})
         self._no_logprobs = False
-        self._pieces = answer_pieces(_answer_format(options))
+        self._pieces = self.contract.pieces
 
     def _attempt(self, item: dict, mode: str) -> Prediction:
         o = self._openai
@@ -193,7 +182,7 @@ class OpenAIProvider(_Retrying):
         want_lp = mode == "loglik" and not self._no_logprobs
         if want_lp:
             kw.update(logprobs=True, top_logprobs=20)
-        if "grammar" not in self.extra_body:
+        if "grammar" not in self.extra_body and "structured_outputs" not in self.extra_body:
             kw["response_format"] = {"type": "json_schema",
                                      "json_schema": {"name": "advice", "schema": xgrammar_safe_schema(self.schema),
                                                      "strict": True}}
@@ -284,7 +273,8 @@ class OllamaProvider(_Retrying):
         self.host = os.environ.get("OLLAMA_HOST", "http://127.0.0.1:11434")
         self.client = ollama.Client(host=self.host, timeout=float(self.gen["timeout"]))
         self._ollama = ollama
-        self.schema = _schema(_answer_format(options))
+        self.contract = model_contract(options)
+        self.schema = self.contract.schema
 
     def _attempt(self, item: dict, mode: str) -> Prediction:
         import httpx
@@ -324,9 +314,10 @@ class AtmProvider(_Retrying):
         from atm.eval.providers import resolve_registry
 
         self.entry = resolve_registry(spec, arg)
-        self._answer = _answer_format(options, self.entry.template)
-        self.schema = self.entry.schema or _schema(self._answer)
-        self._pieces = answer_pieces(self._answer)
+        self.contract = model_contract(options, self.entry)
+        self._answer = self.contract.answer_format
+        self.schema = self.contract.schema
+        self._pieces = self.contract.pieces
         self.template_check = self._check_template(options)
         if self.template_check.get("mismatch"):
             self._note("the model's prompt template differs from the one the items were rendered with "
@@ -372,11 +363,10 @@ class AtmProvider(_Retrying):
         # explicitly. The grammar is the in-process one (compact JSON in the schema's order): the
         # server's own json_schema grammar admits whitespace, and the model then pretty-prints
         # (SmolLM2: ~42 answer tokens instead of ~28).
-        from atm.prompting.llama_schema import answer_gbnf
-
-        body = {"cache_prompt": bool(self.gen.get("prefix_cache", True)), "grammar": answer_gbnf(self.schema)}
+        body = {"cache_prompt": bool(self.gen.get("prefix_cache", True)), "grammar": self.contract.grammar}
         self._delegate = OpenAIProvider(f"openai:{self.entry.ref}@{base}", f"{self.entry.ref}@{base}",
-                                        **{**self.options, "api_key": self._server.api_key, "extra_body": body})
+                                        **{**self.options, "api_key": self._server.api_key, "extra_body": body,
+                                           "contract": self.contract})
         self.batch_size = self._delegate.batch_size
 
     def _n_ctx(self) -> int:
@@ -386,14 +376,13 @@ class AtmProvider(_Retrying):
 
     def _load(self):
         if self._runner is None:
-            from atm.prompting.llama_schema import answer_gbnf, change_gbnf
             from atm.runtime.llamacpp import LlamaCppRunner
 
             self._runner = LlamaCppRunner(self.entry.path, n_ctx=self._n_ctx(), threads=self.gen.get("threads"),
                                           n_batch=512, seed=0, name=self.entry.ref,
                                           prefix_reuse=bool(self.gen.get("prefix_cache", True)))
-            self._grammar = self._runner.grammar(answer_gbnf(self.schema))
-            self._change_grammar = self._runner.grammar(change_gbnf(self.schema))
+            self._grammar = self._runner.grammar(self.contract.grammar)
+            self._change_grammar = self._runner.grammar(self.contract.change_grammar)
         return self._runner
 
     # ------------------------------------------------------------ generate / loglik in process
@@ -453,7 +442,7 @@ class AtmProvider(_Retrying):
             text = out.text
             st = runner.last
             n_gen, reused, decode_s, gen_evaluated = st.completion, st.reused, st.decode_s, st.evaluated
-            if not re.fullmatch(change_pattern(self.schema), text):
+            if not re.fullmatch(self.contract.change_pattern, text):
                 return Prediction(id=item_id, raw=text[:RAW_KEEP], valid=False,
                                   reason=f"bad number: decoded predicted_open_change {text[:40]!r} is not valid",
                                   latency=time.perf_counter() - t0, extra={"mode": "loglik"},
@@ -539,7 +528,7 @@ class AtmProvider(_Retrying):
              "engine": "llama-server" if self._delegate else "llama-cpp-python in process",
              "gpu_offload": self._runner.gpu_offload if self._runner is not None else None,
              "concurrency": self.concurrency,
-             "constraint": "LlamaGrammar.from_json_schema(prompts/advice.schema.json)",
+             "constraint": "the answer contract's GBNF (atm.prompting.contract)",
              "llama-cpp-python": versions(("llama-cpp-python",)).get("llama-cpp-python")}
         return d
 
@@ -564,9 +553,10 @@ class HFProvider(_Retrying):
         self.batch_size = int(options.get("batch_size") or 16)
         self._model = None
         card = ModelCard.read(self.path)  # written by `atm finetune merge`: template + schema
-        self._answer_format = _answer_format(options, card.template if card else None)
-        self._pieces = answer_pieces(self._answer_format)
-        self.schema = card.schema if card is not None and card.schema else _schema(self._answer_format)
+        self.contract = model_contract(options, card)
+        self._answer_format = self.contract.answer_format
+        self._pieces = self.contract.pieces
+        self.schema = self.contract.schema
 
     def _load(self):
         if self._model is None:
@@ -635,15 +625,20 @@ class HFProvider(_Retrying):
             for k, g in enumerate(gens):
                 gen_tokens[k] = (g.tokens or {}).get("completion") or 0
                 if g.valid and g.raw:
-                    m = re.search(change_pattern(_schema()), g.raw)
+                    m = re.search(self.contract.change_pattern, g.raw)
                     changes[k] = m.group(0) if m else None
             prefixes = [p + pcs["before_change"] + (c or "0.00000000") + pcs["between"] for p, c in zip(prompts, changes)]
         seqs, plen = [], []
         n_prompts = [len(self.tok(p, add_special_tokens=False)["input_ids"]) for p in prompts]
+        # what follows the advice value, as the atm: provider scores it: change first, the rest of
+        # the answer; advice first, through the token that holds the closing quote (the change
+        # follows, not the advice)
+        tail = pcs["after_advice"]
         for pre in prefixes:
             ids_pre = self.tok(pre, add_special_tokens=False)["input_ids"]
             for a in ADVICES:
-                ids = self.tok(pre + a + '"', add_special_tokens=False)["input_ids"]
+                ids = self._through_quote(pre + a + tail, len(pre + a)) if pcs["advice_first"] else \
+                    self.tok(pre + a + tail, add_special_tokens=False)["input_ids"]
                 k = 0
                 while k < min(len(ids_pre), len(ids)) and ids[k] == ids_pre[k]:
                     k += 1
@@ -682,10 +677,19 @@ class HFProvider(_Retrying):
                                   extra={"logprob": lps, "mode": "loglik", "change_decoded": ch is not None}))
         return out
 
+    def _through_quote(self, text: str, quote: int) -> list[int]:
+        """The token ids of ``text`` up to and including the token that holds character ``quote``."""
+        enc = self.tok(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids, offs = enc["input_ids"], enc["offset_mapping"]
+        for k, (_, end) in enumerate(offs):
+            if end > quote:
+                return list(ids[:k + 1])
+        return list(ids)
+
     def describe(self) -> dict[str, Any]:
         from atm.utils import versions
 
         return {"spec": self.spec, "path": self.path, "device": getattr(self, "device", None),
                 "batch_size": self.batch_size,
-                "constraint": "lm-format-enforcer JsonSchemaParser(the advice schema), greedy, strictly parsed",
+                "constraint": "lm-format-enforcer RegexParser(the answer contract's grammar), greedy, strictly parsed",
                 **versions(("torch", "transformers"))}

@@ -20,7 +20,7 @@ from typing import Any, Iterator, Sequence
 
 from atm.errors import AtmError
 from atm.artifacts import ModelCard
-from atm.eval.llm import OpenAIProvider, _answer_format, _gen, _schema
+from atm.eval.llm import OpenAIProvider, _gen, model_contract
 from atm.eval.providers import Prediction, Provider
 
 
@@ -36,8 +36,8 @@ class VLLMProvider(Provider):
         self.name = self.model_dir.name
         self.concurrency = max(1, int(options.get("concurrency") or 1))
         card = ModelCard.read(self.model_dir)  # written by `atm finetune merge`: template + schema
-        self._answer = _answer_format(options, card.template if card else None)
-        self.schema = card.schema if card is not None and card.schema else _schema(self._answer)
+        self.contract = model_contract(options, card)
+        self.schema = self.contract.schema
         self.batch_size = max(8, 4 * self.concurrency)
         self._server = None  # atm.runtime.vllm.VLLMServer
         self._delegate: OpenAIProvider | None = None
@@ -64,9 +64,11 @@ class VLLMProvider(Provider):
                                       max_num_seqs=self.concurrency, max_model_len=self._max_model_len(),
                                       extra_args=self._extra_args()).start()
             base = self._server.base_url
+            # the grammar every engine enforces (atm.prompting.contract), for xgrammar
+            body = {"structured_outputs": {"grammar": self.contract.grammar}}
             self._delegate = OpenAIProvider(f"openai:{self.name}@{base}", f"{self.name}@{base}",
-                                            **{**self.options, "api_key": self._server.api_key})
-            self._delegate.schema = self.schema
+                                            **{**self.options, "api_key": self._server.api_key,
+                                               "contract": self.contract, "extra_body": body})
             self.batch_size = self._delegate.batch_size
         return self._delegate
 
@@ -82,8 +84,8 @@ class VLLMProvider(Provider):
     def describe(self) -> dict[str, Any]:
         d: dict[str, Any] = {"spec": self.spec, "model_dir": str(self.model_dir), "engine": "vllm",
                              "concurrency": self.concurrency,
-                             "constraint": "response_format json_schema (vLLM structured outputs: xgrammar, "
-                                           "no free whitespace)"}
+                             "constraint": "the answer contract's GBNF grammar (vLLM structured outputs: "
+                                           "xgrammar)"}
         if self._server is not None:
             d["vllm"] = self._server.describe()
         return d

@@ -15,7 +15,7 @@ from typing import Any, AsyncIterator
 
 from atm.errors import AtmError
 from atm.prompting.answer import probs_from_token_probs
-from atm.prompting.llama_schema import llama_safe_schema
+from atm.prompting.llama_schema import answer_gbnf
 from atm.runtime import llama_server
 from atm.serve.engines.base import Capabilities, EngineError, EngineRequest
 from atm.serve.engines.http import HTTPUpstream
@@ -73,10 +73,13 @@ class LlamaServerEngine(ManagedProcessEngine):
         out = req.openai_body()
         out["model"] = self.upstream_model
         if req.json_schema is not None:
-            # llama-server's native constraint; honoured by both endpoints (its /v1/completions
-            # ignores response_format). Regexes rewritten into what its converter enforces.
+            # ATM's grammar of the schema (atm.prompting.llama_schema.answer_gbnf), the one llama.cpp
+            # in process enforces too, sent as ``grammar`` (honoured by both endpoints; its
+            # /v1/completions ignores response_format). Not llama-server's own json_schema grammar:
+            # that one must start with '{' and admits free whitespace, so the same model answered
+            # differently here and in process (issue 21).
             try:
-                out["json_schema"] = llama_safe_schema(req.json_schema)
+                out["grammar"] = answer_gbnf(req.json_schema)
             except ValueError as exc:
                 raise EngineError(str(exc), 400, "invalid_request_error", param="response_format") from None
         elif req.json_object:

@@ -20,6 +20,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from atm.prompting.llama_schema import answer_gbnf
 from atm.prompting.xgrammar_schema import xgrammar_safe_schema
 from atm.runtime import vllm
 from atm.serve.engines.base import Capabilities, EngineError, EngineRequest
@@ -97,8 +98,13 @@ class VLLMEngine(ManagedProcessEngine):
         out = req.openai_body()
         out["model"] = self.upstream_model
         if req.json_schema is not None:
-            # xgrammar refuses a pattern with length bounds: drop the bounds the pattern implies
-            out["structured_outputs"] = {"json": xgrammar_safe_schema(req.json_schema)}
+            # ATM's grammar of the schema (atm.prompting.llama_schema.answer_gbnf), the one every
+            # engine enforces, for xgrammar (it reads GBNF); a schema llama.cpp's converter cannot
+            # take goes as a schema (xgrammar refuses a pattern with length bounds: dropped here)
+            try:
+                out["structured_outputs"] = {"grammar": answer_gbnf(req.json_schema)}
+            except ValueError:
+                out["structured_outputs"] = {"json": xgrammar_safe_schema(req.json_schema)}
         elif req.json_object:
             out["structured_outputs"] = {"json_object": True}
         return out
