@@ -5,7 +5,8 @@ The provider starts ``vllm serve DIR`` through ``atm.runtime.vllm`` (the same co
 machine, ``$ATM_VLLM``), on a private port behind its own random key, with ``--concurrency``
 sequences (more ``vllm serve`` arguments in ``$ATM_VLLM_ARGS``), and asks it exactly as ``openai:MODEL@URL`` asks any OpenAI-compatible server (the
 requests, retries, parsing and top-20-logprob class probabilities are ``OpenAIProvider``'s). The
-answer schema follows the model's own template (``atm_model.json``); the server is started at the
+answer follows the model's answer contract (``atm.prompting.contract``: its GBNF as
+``structured_outputs.grammar``, the grammar every engine enforces); the server is started at the
 first item and stopped by ``close()``; the manifest records which vLLM answered (its reported
 version, the binary, the venv's torch/transformers).
 """
@@ -20,8 +21,8 @@ from typing import Any, Iterator, Sequence
 
 from atm.errors import AtmError
 from atm.artifacts import ModelCard
-from atm.eval.llm import OpenAIProvider, _gen, model_contract
-from atm.eval.providers import Prediction, Provider
+from atm.eval.backends.openai import OpenAIProvider
+from atm.eval.providers import Prediction, Provider, generation_spec, model_contract
 
 
 class VLLMProvider(Provider):
@@ -44,7 +45,7 @@ class VLLMProvider(Provider):
 
     def _max_model_len(self) -> int:
         """The suite's context, capped at the model's trained context (vLLM refuses more)."""
-        n = int(_gen(self.options)["n_ctx"])
+        n = int(generation_spec(self.options).n_ctx)
         cfg = json.loads((self.model_dir / "config.json").read_text())
         trained = cfg.get("max_position_embeddings")
         return min(n, int(trained)) if trained else n
