@@ -3,7 +3,8 @@
 Like Ollama's runners: a private 127.0.0.1 port behind a fresh key, ``-np`` slots (continuous
 batching, per-slot prompt cache), ``--metrics`` and the GGUF's own chat template. The stock Python
 server serializes requests behind one lock; this one batches (1.4-1.75x its requests/s at 8
-clients, ~4x with shared prefixes, FIELD-NOTES). Class probabilities for ``/v1/advice`` come from
+clients, ~4x with shared prefixes, FIELD-NOTES). A JSON Schema is sent as ATM's GBNF of it
+(``grammar``), the grammar llama.cpp in process enforces, never llama-server's own schema grammar. Class probabilities for ``/v1/advice`` come from
 one extra grammar-restricted token (``class_probs``).
 """
 
