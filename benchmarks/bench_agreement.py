@@ -90,7 +90,8 @@ def main() -> None:
         from atm.serve.testing import ServerProcess
 
         port = free_port()
-        server = ServerProcess(["--model", "smollm2a:f16", "--engine", "llama-server", "--parallel", "1"], port,
+        server = ServerProcess(["--model", "smollm2a:f16", "--engine", "llama-server", "--parallel", "1",
+                                "--set", f"threads={os.environ.get('OMP_NUM_THREADS', '1')}"], port,
                                log=work / "serve.log")
         server.wait_ready(300)
     try:
