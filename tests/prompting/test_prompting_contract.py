@@ -46,10 +46,18 @@ def test_the_fallback_chain():
     assert c.order == "advice-first" and c.source["template"] == "dataset"
     # an explicit template (atm serve's `template:`) wins over the model's
     assert resolve_contract(ModelCard(template=adv), template_yaml=chg).order == "change-first"
-    # a saved schema wins over the template's order; a saved encoder over the template's
+    # a saved schema wins over the default one, in the answer's order (a model exported without a
+    # template saved the default change-first order; asked on advice-first items it must write
+    # advice first, as the server and transformers do); a saved encoder wins over the template's
     saved = load_schema("change-first")
+    saved["properties"]["advice"]["description"] = "saved"
     c = resolve_contract(ModelCard(template=adv, schema=saved, encoder={"name": "compact", "lookback": 5}))
-    assert c.schema == saved and c.source["schema"] == "model"
+    assert list(c.schema["properties"]) == c.schema["required"] == ["advice", "predicted_open_change"]
+    assert c.schema["properties"]["advice"]["description"] == "saved" and c.source["schema"] == "model"
+    c = resolve_contract(ModelCard(schema=saved), dataset_template=adv)
+    assert c.order == "advice-first" and next(iter(c.schema["properties"])) == "advice"
+    assert resolve_contract(ModelCard(schema=saved)).schema == saved
+    c = resolve_contract(ModelCard(template=adv, encoder={"name": "compact", "lookback": 5}))
     assert c.encoder_spec() == ("compact", {"lookback": 5})
     # a registry entry (any object with template / schema / encoder) resolves the same way
     from atm.export.registry import Entry

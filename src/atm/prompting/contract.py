@@ -10,7 +10,8 @@ The one fallback chain, each field taken from the first source that has it:
 - template: an explicit override (``atm serve``'s ``template:``) > the model's own (``atm_model.json``
   / registry entry) > the template the eval items were rendered with (``dataset.json``) > none;
 - answer format: that template's ``answer`` text > ``DEFAULT_ANSWER`` (change first);
-- schema: the model's saved schema > ``load_schema`` in the answer format's order;
+- schema: the model's saved schema > ``load_schema``; either way its properties in the answer
+  format's order (a schema saved without a template carries the default order, not a trained one);
 - encoder: the model's saved encoder (``{"name": ..., **config}``) > the template's encoder and
   its config > ``seed-json``.
 
@@ -136,7 +137,10 @@ def resolve_contract(model: Any = None, *, template_yaml: str | None = None,
 
     sch = schema if schema else _field(model, "schema")
     if isinstance(sch, Mapping) and sch:
-        sch, source["schema"] = dict(sch), ("override" if schema else "model")
+        # a saved schema's properties, in the answer format's order: an export of a model without a
+        # template saved the default (change-first) order, which must not override the order the
+        # answer is written in (the template the items were rendered with)
+        sch, source["schema"] = in_order(sch, answer_order(fmt)), ("override" if schema else "model")
     else:
         from atm.prompting.advice import load_schema
 
@@ -153,6 +157,21 @@ def resolve_contract(model: Any = None, *, template_yaml: str | None = None,
     else:
         enc, source["encoder"] = {"name": DEFAULT_ENCODER, **dict(enc or {})}, "default"
     return AnswerContract(template_yaml=tpl, answer_format=fmt, schema=sch, encoder=enc, source=source)
+
+
+def in_order(schema: Mapping[str, Any], order: str) -> dict[str, Any]:
+    """A copy of an answer schema with ``properties`` and ``required`` in ``order``'s key order
+    (``"change-first"`` / ``"advice-first"``); other keys kept after them, as they were."""
+    keys = ("advice", "predicted_open_change") if order == "advice-first" else ("predicted_open_change", "advice")
+    out = dict(schema)
+    props = schema.get("properties")
+    if isinstance(props, Mapping):
+        out["properties"] = {**{k: props[k] for k in keys if k in props},
+                             **{k: v for k, v in props.items() if k not in keys}}
+    req = schema.get("required")
+    if isinstance(req, list):
+        out["required"] = [k for k in keys if k in req] + [k for k in req if k not in keys]
+    return out
 
 
 def dataset_template_of(dataset_meta: Mapping[str, Any] | None) -> str | None:
