@@ -49,10 +49,13 @@ FORBIDDEN: list[tuple[str, str, str]] = [
     ("atm.serve.chat", "atm.serve.engines", "the chat UI is a client of `atm serve` over HTTP"),
     ("atm.serve.chat", "atm.serve.api", "the chat UI is a client of `atm serve` over HTTP"),
     *[(src, t, "providers answer items; running, scoring and reporting a run sit above them")
-      for src in ("atm.eval.providers", "atm.eval.llm", "atm.eval.fanout", "atm.eval.baselines",
+      for src in ("atm.eval.providers", "atm.eval.backends", "atm.eval.fanout", "atm.eval.baselines",
                   "atm.eval.classic.provider",
                   "atm.eval.classic.core", "atm.eval.classic.models", "atm.eval.classic.design")
       for t in ("atm.eval.harness", "atm.eval.rundir", "atm.eval.scoring", "atm.eval.report", "atm.eval.cli")],
+    *[(src, "atm.eval.backends", "backends are loaded by name from the provider registry; what they share "
+       "(Transient, the retry loop, GenerationSpec) lives in atm.eval.providers")
+      for src in ("atm.eval.providers", "atm.eval.fanout", "atm.eval.harness")],
     ("atm.eval.harness", "atm.eval.report", "the CLI writes the report after a run"),
     *[("atm.eval.rundir", t, "run-directory I/O is the bottom of a run") for t in
       ("atm.eval.harness", "atm.eval.scoring", "atm.eval.report")],
@@ -192,6 +195,8 @@ def test_the_checker_sees_real_imports():
     assert "atm.runtime.llama_server" in GRAPH["atm.serve.engines.llama_server"]
     assert "atm.eval.report" in GRAPH["atm.eval.cli"]  # a lazy import inside cmd_run
     assert room_of("atm.serve.api.openai") == "serve" and room_of("atm.artifacts") == "core"
+    assert "atm.prompting.contract" in GRAPH["atm.serve.models"]  # a lazy import in ServedModel.contract
+    assert "atm.eval.backends.openai" in GRAPH["atm.eval.backends.atm"]
 
 
 def test_the_rules_are_documented():

@@ -333,11 +333,9 @@ def register_shipped_gguf(source: str, name: str, dataset_dir: str):
     path, _ = resolve_gguf(source)
     card = DatasetDir(dataset_dir).card()
     tpl_yaml = card.template_yaml
-    schema = card.schema
-    if schema is None:
-        from atm.prompting.advice import load_schema
+    from atm.prompting.contract import resolve_contract
 
-        schema = load_schema()
+    schema = resolve_contract(template_yaml=tpl_yaml, schema=card.schema).schema
     info = inspect_gguf(path)
     families_tokens = _special_tokens_of(path)
     return copy_into_registry(path, name, "shipped", template=tpl_yaml, schema=schema,

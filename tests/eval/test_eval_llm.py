@@ -70,7 +70,7 @@ def test_atm_loglik_probabilities_match_full_evaluation(tiny_gguf, sample_datase
         assert r["advice"] == max(r["probs"], key=r["probs"].get)
     # independent reference: evaluate prompt + the whole answer for each option with logits_all
     from atm.eval.harness import load_items, model_items
-    from atm.eval.llm import AtmProvider
+    from atm.eval.backends.atm import AtmProvider
 
     meta = json.loads((sample_dataset / "dataset.json").read_text())
     prov = AtmProvider("atm:q8", "q8", dataset_meta=meta)
@@ -137,7 +137,7 @@ def test_hf_provider_constrains_a_random_model_to_the_schema(tiny_base, sample_d
     import torch
 
     from atm.eval.harness import load_items, load_suite, model_items, run_eval, select_items
-    from atm.eval.llm import HFProvider
+    from atm.eval.backends.hf import HFProvider
     from atm.prompting.advice import parse_advice
 
     spec = f"hf:{tiny_base}"

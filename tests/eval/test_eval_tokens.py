@@ -207,7 +207,7 @@ def _check_advice_first(spec: str, dataset: Path, out: Path, n: int) -> list[dic
     import llama_cpp
 
     from atm.eval.harness import run_eval
-    from atm.eval.llm import AtmProvider
+    from atm.eval.backends.atm import AtmProvider
     from atm.runtime.llamacpp import common_prefix
 
     m = run_eval([spec], _suite(), out, data=str(dataset), limit=n, mode="loglik", with_baselines=False, quiet=True)

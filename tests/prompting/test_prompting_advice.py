@@ -201,9 +201,10 @@ def test_llama_cpp_grammar_writes_the_schema_order(fmt):
         llm.close()
 
 
-def test_transformers_constraint_accepts_both_orders():
-    """lm-format-enforcer (the transformers engine and hf: provider) lets either order through, under
-    either schema order: each token of a valid answer is allowed, and the end comes only after it."""
+def test_transformers_constraint_writes_the_schema_order():
+    """lm-format-enforcer (the transformers engine and hf: provider) enforces the grammar every other
+    engine gets (issue 21): each token of an answer in the schema's order is allowed and the end comes
+    only after it, as llama.cpp does (test above); the other order is cut off, as llama.cpp cuts it."""
     torch = pytest.importorskip("torch")
     from atm.finetune.families import build_tokenizer
     from atm.prompting.advice import ANSWER_FORMATS
@@ -216,9 +217,16 @@ def test_transformers_constraint_accepts_both_orders():
             text = answer.format(advice="SELL", change="-12.50000000")
             ids = tok.encode(text, add_special_tokens=False)
             proc = schema_processor(tok, load_schema(schema_fmt))
+            refused = None
             for k in range(len(ids) + 1):
                 seq = torch.tensor([prompt + ids[:k]])
                 mask = proc(seq, torch.zeros(1, len(tok)))
                 want = ids[k] if k < len(ids) else tok.eos_token_id
-                assert mask[0, want] == 0.0, (schema_fmt, answer_fmt, k, tok.decode(ids[:k]))
+                if mask[0, want] != 0.0:
+                    refused = k
+                    break
+            if answer_fmt == schema_fmt:
+                assert refused is None, (schema_fmt, tok.decode(ids[:refused]))
+            else:
+                assert refused is not None and refused < len(ids), (schema_fmt, answer_fmt)
             assert mask[0, tok.encode("x", add_special_tokens=False)[0]] == float("-inf")

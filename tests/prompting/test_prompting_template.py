@@ -156,7 +156,7 @@ def test_answer_format_must_agree_with_the_answer(patch, match):
 def test_both_answer_orders_parse_score_and_split_for_loglik(fmt):
     import yaml
 
-    from atm.eval.llm import answer_pieces
+    from atm.prompting.answer import answer_pieces
 
     data = _seed_data()
     data.pop("answer")

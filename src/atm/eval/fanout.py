@@ -29,8 +29,7 @@ from collections import deque
 from typing import Any, Iterator, Sequence
 
 from atm.errors import AtmError
-from atm.eval.llm import Transient
-from atm.eval.providers import GenerationSpec, Prediction, Provider
+from atm.eval.providers import GenerationSpec, Prediction, Provider, Transient
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +58,8 @@ class _Job:
 
 class FanOut(Provider):
     """``spec`` served by ``endpoints`` (one single-endpoint provider each, e.g. ``OpenAIProvider``)."""
+
+    retries_requests = True  # each item's failures are retried here, on the endpoints, within its budget
 
     def __init__(self, spec: str, endpoints: Sequence[Provider], **options: Any):
         super().__init__(spec, spec.partition(":")[2], **options)

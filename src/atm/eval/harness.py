@@ -30,7 +30,7 @@ from atm.errors import AtmError, DataError
 from atm.artifacts import DatasetDir
 from atm.constants import ADVICES
 from atm.eval import rundir
-from atm.eval.providers import (GenerationSpec, Provider, get_provider, model_kind, parse_spec,
+from atm.eval.providers import (GenerationSpec, Provider, get_provider, model_kind, parse_spec, retrying,
                                 resolve_registry)
 from atm.eval.rundir import ResultWriter, failure, read_results, record_of, shard_rows
 from atm.eval.scoring import MetricsSpec, evaluate_run
@@ -446,8 +446,10 @@ def _predict_into(provider: Provider, items: list[dict], phashes: list[str], mod
                   gen: GenerationSpec, spec: str, quiet: bool) -> int:
     """Ask ``provider`` about ``items`` chunk by chunk; append each result as it finishes.
 
-    A chunk that raises is retried with exponential backoff; after ``gen.retries`` retries each of its
-    items is recorded as a failure (kept, counted invalid), never dropped.
+    A chunk that raises is retried by ``atm.eval.providers.retrying`` (the one retry loop) with
+    ``gen``'s budget, except for a provider that already retried each request on that budget
+    (``retries_requests``: once is enough); then each of its items still unanswered is recorded as
+    a failure (kept, counted invalid), never dropped.
     """
     from atm.utils import progress
 
@@ -457,39 +459,37 @@ def _predict_into(provider: Provider, items: list[dict], phashes: list[str], mod
     writer = ResultWriter(rpath)
     written = 0
     chunk = max(1, int(getattr(provider, "batch_size", 64)))
+    budget = gen.model_copy(update={"retries": 0}) if getattr(provider, "retries_requests", False) else gen
     bar = progress(total=len(items), desc=spec, unit="item") if not quiet else None
     try:
         for start in range(0, len(items), chunk):
             part = items[start:start + chunk]
             pending = {it["id"] for it in part}
-            attempt = 0
-            while pending:
+
+            def ask(attempt: int) -> None:
+                nonlocal written
                 todo = [it for it in part if it["id"] in pending]
-                try:
-                    for pred in provider.predict_iter(todo, mode):
-                        if pred.id not in pending:
-                            continue  # a provider answering twice is ignored, not doubled
-                        writer.write(record_of(pred, by_id[pred.id]))
-                        pending.discard(pred.id)
-                        written += 1
-                        if bar is not None:
-                            bar.update(1)
-                    if pending:
-                        raise AtmError(f"provider returned no prediction for {len(pending)} items")
-                except (KeyboardInterrupt, SystemExit):
-                    raise
-                except Exception as exc:  # noqa: BLE001 - recorded, never dropped
-                    attempt += 1
-                    if attempt > gen.retries:
-                        for id_ in sorted(pending):
-                            writer.write(record_of(failure(id_, f"{type(exc).__name__}: {exc}"[:300], attempt),
-                                                   by_id[id_]))
-                            written += 1
-                            if bar is not None:
-                                bar.update(1)
-                        pending.clear()
-                    else:
-                        time.sleep(gen.backoff * (2 ** (attempt - 1)))
+                for pred in provider.predict_iter(todo, mode):
+                    if pred.id not in pending:
+                        continue  # a provider answering twice is ignored, not doubled
+                    writer.write(record_of(pred, by_id[pred.id]))
+                    pending.discard(pred.id)
+                    written += 1
+                    if bar is not None:
+                        bar.update(1)
+                if pending:
+                    raise AtmError(f"provider returned no prediction for {len(pending)} items")
+
+            try:
+                retrying(ask, budget, retry_on=(Exception,))
+            except Exception as exc:  # noqa: BLE001 - recorded, never dropped
+                for id_ in sorted(pending):
+                    writer.write(record_of(failure(id_, f"{type(exc).__name__}: {exc}"[:300], budget.retries + 1),
+                                           by_id[id_]))
+                    written += 1
+                    if bar is not None:
+                        bar.update(1)
+                pending.clear()
     finally:
         writer.close()
         if bar is not None:

@@ -8,13 +8,23 @@ never imports torch or llama.cpp (the lm-eval style).
 ``openai:MODEL@URL1,URL2,...`` names several endpoints serving the same model: ``get_provider``
 gives one provider per endpoint behind ``atm.eval.fanout.FanOut``, which sends each item to
 whichever endpoint has a free slot and retries a dead endpoint's items on the others.
+
+Beside the interface live what every LLM backend (``atm.eval.backends``) shares, so that ``fanout``
+and the harness import no backend: ``GenerationSpec`` (how they are asked, typed), ``Transient``
+(a failure worth retrying), ``retrying`` (THE retry loop: backoff on ``Transient``, the budget
+``GenerationSpec.retries``), ``RequestProvider`` (one request per item: ``attempt(item, mode)``,
+a thread pool of ``concurrency``), ``parsed_prediction`` (raw text -> Prediction through the one
+strict parser) and ``item_messages``.
 """
 
 from __future__ import annotations
 
 import importlib
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 from pydantic import Field
 
@@ -116,13 +126,144 @@ class Provider:
         """Release engines / processes started for the run."""
 
 
+# ------------------------------------------------------------------------------------------------
+# what the LLM backends share
+
+RAW_KEEP = 4000  # characters of a raw answer kept in the results file (a rambling model can't bloat it)
+T = TypeVar("T")
+
+
+class Transient(Exception):
+    """A failure worth retrying (timeout, connection drop, 5xx, 429)."""
+
+
+def generation_spec(options: dict[str, Any]) -> GenerationSpec:
+    """The ``generation`` option as the typed ``GenerationSpec`` (a dict, a spec, or absent)."""
+    g = options.get("generation") or {}
+    return g if isinstance(g, GenerationSpec) else GenerationSpec(**g)
+
+
+def retrying(call: Callable[[int], T], gen: GenerationSpec, retry_on: tuple[type[BaseException], ...] = (Transient,),
+             give_up: tuple[type[BaseException], ...] = ()) -> T:
+    """THE retry loop: ``call(attempt)`` (attempt counts from 0) until it returns, retrying an
+    exception of ``retry_on`` (not one of ``give_up``) ``gen.retries`` times with exponential
+    backoff from ``gen.backoff``; the last exception is raised."""
+    delay = float(gen.backoff)
+    for attempt in range(int(gen.retries) + 1):
+        try:
+            return call(attempt)
+        except give_up:
+            raise
+        except retry_on:
+            if attempt >= int(gen.retries):
+                raise
+            time.sleep(delay)
+            delay *= 2
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def parsed_prediction(item_id: str, raw: str | None, latency: float, tokens: dict | None = None,
+                      **extra: Any) -> Prediction:
+    """The one path from raw text to a Prediction: the strict shared parser, never a regex."""
+    from atm.prompting.advice import parse_advice
+
+    p = parse_advice(raw)
+    reason = None if p.valid else (f"{p.reason}: {p.detail}" if p.detail else p.reason)
+    kept = raw if raw is None or len(raw) <= RAW_KEEP else raw[:RAW_KEEP]
+    if raw is not None and len(raw) > RAW_KEEP:
+        extra["raw_chars"] = len(raw)
+    return Prediction(id=item_id, raw=kept, advice=p.advice, predicted_change=p.predicted_change,
+                      valid=p.valid, reason=reason, latency=latency, tokens=tokens, extra=extra)
+
+
+def item_messages(item: dict) -> list[dict[str, str]]:
+    """The item's prompt messages as the dataset holds them (shared prefix first)."""
+    msgs = item.get("prompt")
+    if not msgs:
+        raise AtmError(f"item {item.get('id')}: no prompt messages in the items view")
+    return [{"role": m["role"], "content": m["content"]} for m in msgs]
+
+
+class RequestProvider(Provider):
+    """A backend that asks one request per item: ``_attempt(item, mode)`` gives a Prediction or raises
+    ``Transient``; ``predict_iter`` runs ``retrying`` around it on a pool of ``concurrency`` threads
+    (fixed for the run). A request refused for what it is (a 4xx) is recorded, not retried."""
+
+    retries_requests = True  # the harness does not retry what this provider already retried
+
+    def __init__(self, spec: str, arg: str, **options: Any):
+        super().__init__(spec, arg, **options)
+        self.gen = generation_spec(options)
+        self.concurrency = max(1, int(options.get("concurrency") or 1))
+        self.batch_size = max(8, 4 * self.concurrency)
+        self._note_lock = threading.Lock()
+
+    def _attempt(self, item: dict, mode: str) -> Prediction:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def attempt(self, item: dict, mode: str) -> Prediction:
+        """One request, no retry: a Prediction, or ``Transient`` (timeout, dropped connection, 5xx,
+        429) for the caller to retry; ``atm.eval.fanout`` retries it on another endpoint."""
+        return self._attempt(item, mode)
+
+    def ask(self, item: dict, mode: str) -> Prediction:
+        """One item through ``retrying``: its Prediction, or a recorded failure."""
+        t0 = time.perf_counter()
+        tries = [0]
+
+        def call(attempt: int) -> Prediction:
+            tries[0] = attempt + 1
+            pred = self._attempt(item, mode)
+            pred.extra["attempts"] = attempt + 1
+            return pred
+
+        try:
+            return retrying(call, self.gen, give_up=(AtmError,))
+        except AtmError:
+            raise
+        except Transient as exc:
+            return Prediction(id=item["id"], valid=False, reason=f"request failed: {exc}"[:500],
+                              latency=time.perf_counter() - t0, extra={"failed": True, "attempts": tries[0]})
+        except Exception as exc:  # noqa: BLE001 - a non-transient request error: record it
+            return Prediction(id=item["id"], valid=False, reason=f"request failed: {type(exc).__name__}: {exc}"[:500],
+                              latency=time.perf_counter() - t0, extra={"failed": True, "attempts": tries[0]})
+
+    def predict_iter(self, items: Sequence[dict], mode: str = "generate") -> Iterator[Prediction]:
+        if self.concurrency == 1:
+            for it in items:
+                yield self.ask(it, mode)
+            return
+        with ThreadPoolExecutor(self.concurrency) as pool:
+            futs = [pool.submit(self.ask, it, mode) for it in items]
+            for f in as_completed(futs):
+                yield f.result()
+
+    def predict(self, items: Sequence[dict], mode: str = "generate") -> list[Prediction]:
+        return list(self.predict_iter(items, mode))
+
+    def _note(self, text: str) -> None:
+        with self._note_lock:
+            if self.mode_note is None:
+                self.mode_note = text
+            elif text not in self.mode_note:
+                self.mode_note += "; " + text
+
+
+def model_contract(options: dict[str, Any], model: Any = None) -> Any:
+    """The answer contract of ``model`` (a registry entry, a model card, or None), the template the
+    items were rendered with as the fallback (``atm.prompting.contract.resolve_contract``)."""
+    from atm.prompting.contract import dataset_template_of, resolve_contract
+
+    return resolve_contract(model, dataset_template=dataset_template_of(options.get("dataset_meta")))
+
+
 # prefix -> "module:Class"; modules are imported only when their prefix is used.
 REGISTRY: dict[str, str] = {
-    "atm": "atm.eval.llm:AtmProvider",
-    "openai": "atm.eval.llm:OpenAIProvider",
-    "ollama": "atm.eval.llm:OllamaProvider",
-    "hf": "atm.eval.llm:HFProvider",
-    "vllm": "atm.eval.vllm:VLLMProvider",
+    "atm": "atm.eval.backends.atm:AtmProvider",
+    "openai": "atm.eval.backends.openai:OpenAIProvider",
+    "ollama": "atm.eval.backends.ollama:OllamaProvider",
+    "hf": "atm.eval.backends.hf:HFProvider",
+    "vllm": "atm.eval.backends.vllm:VLLMProvider",
     "baseline": "atm.eval.baselines:BaselineProvider",
     "classic": "atm.eval.classic.provider:ClassicProvider",
 }

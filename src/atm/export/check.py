@@ -108,9 +108,9 @@ def run_hf(model_dir: Path, prompts: list[dict], max_tokens: int, batch_size: in
     bar = progress(total=len(out), desc="HF reference", unit="prompt")
     pad = tok.pad_token_id
     if constrained and schema is None:
-        from atm.prompting.advice import load_schema
+        from atm.prompting.contract import resolve_contract
 
-        schema = load_schema()
+        schema = resolve_contract().schema  # the default contract's
     with torch.inference_mode():
         for b in range(0, len(out), batch_size):
             chunk = out[b:b + batch_size]
@@ -285,11 +285,9 @@ def fidelity_check(name: str = "atm", n: int = 200, home: str | Path | None = No
     data_dir = Path(data) if data else card.dataset_dir
     if data_dir is None:
         raise AtmError(f"no dataset recorded in {model_dir / MODEL_CARD} (or it moved); pass --data DATASET_DIR")
-    schema = entries[0].schema or card.schema
-    if schema is None:
-        from atm.prompting.advice import load_schema
+    from atm.prompting.contract import resolve_contract
 
-        schema = load_schema()
+    schema = resolve_contract(entries[0], schema=card.schema if not entries[0].schema else None).schema
     prompts = load_verify_prompts(data_dir, n)
     t0 = time.time()
     ref = run_hf(model_dir, prompts, max_tokens=max_tokens, batch_size=batch_size, schema=schema)

@@ -623,15 +623,12 @@ def read_atm_model(model_dir: Path) -> ModelCard:
     return card
 
 
-def _schema_of(card: ModelCard) -> dict[str, Any] | None:
-    if card.schema:
-        return card.schema
-    try:
-        from atm.prompting.advice import load_schema
+def _schema_of(card: ModelCard) -> dict[str, Any]:
+    """The schema the registry records: the model's answer contract's (``resolve_contract``: the
+    saved schema, else the template's answer order, else the default)."""
+    from atm.prompting.contract import resolve_contract
 
-        return load_schema()
-    except (AtmError, ImportError):
-        return None
+    return resolve_contract(card).schema
 
 
 def export_gguf(model_dir: str | Path, name: str = "atm", quants: Sequence[str] | str = ("q8_0", "q4_k_m"),

@@ -100,12 +100,11 @@ class Entry:
         return enc if isinstance(enc, dict) else ({"name": enc} if isinstance(enc, str) else {})
 
     def template_obj(self):
-        """The prompt template as an ``atm.prompting.template.Template`` (None when not recorded)."""
-        if not self.template:
-            return None
-        from atm.prompting.template import Template
+        """The prompt template as an ``atm.prompting.template.Template`` (None when not recorded):
+        the entry's answer contract's (``atm.prompting.contract.resolve_contract``)."""
+        from atm.prompting.contract import resolve_contract
 
-        return Template.from_yaml(self.template, source=f"{self.ref} manifest")
+        return resolve_contract(self).template()
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -72,14 +72,11 @@ def _model_card(adapter_dir: Path) -> ModelCard:
         template_text = template.get("yaml") or template.get("text")
     else:
         template_text = template
-    schema = dataset.get("schema")
-    if schema is None:
-        try:
-            from atm.prompting.advice import load_schema
+    from atm.prompting.contract import resolve_contract
 
-            schema = load_schema()
-        except Exception:  # noqa: BLE001 - a missing prompting stage only loses the schema copy
-            schema = None
+    # the dataset's schema, else its template's (the one chain of atm.prompting.contract)
+    schema = resolve_contract(template_yaml=template_text if isinstance(template_text, str) else None,
+                              schema=dataset.get("schema")).schema
     config = dataset.get("config") if isinstance(dataset.get("config"), dict) else {}
     return ModelCard(
         template=template_text, schema=schema,

@@ -1,5 +1,8 @@
 """JSON-schema constrained decoding for transformers ``generate`` (the ``hf:`` eval provider and the
-``transformers`` serving engine), through lm-format-enforcer's character-level JSON-schema parser.
+``transformers`` serving engine), through lm-format-enforcer: a schema whose grammar is regular (ATM's
+answer schema) is enforced as the regex of the very GBNF llama.cpp, llama-server and vLLM get
+(``grammar_regex``), so the answer set is the same on every engine; any other schema through its
+character-level JSON-schema parser.
 
 llama.cpp and vLLM enforce a schema natively; transformers has nothing of the kind, and a small model
 decoding freely breaks the format (the original experiment's failure), so an engine that took a
@@ -87,6 +90,21 @@ def _whitespace_sets(table: Any) -> tuple[frozenset[int], frozenset[int], frozen
     return sets
 
 
+def grammar_regex(schema: dict[str, Any] | None) -> str | None:
+    """The language of ``atm.prompting.llama_schema.answer_gbnf(schema)`` (the grammar llama.cpp,
+    llama-server and vLLM enforce) as a regex, for lm-format-enforcer's ``RegexParser``: so the
+    answers transformers may write are exactly those. None where the grammar is recursive (any
+    JSON object) or llama.cpp's converter is not installed: then the schema parser decides."""
+    if schema is None:
+        return None
+    try:
+        from atm.prompting.llama_schema import answer_gbnf, gbnf_regex
+
+        return gbnf_regex(answer_gbnf(schema))
+    except (ImportError, ValueError):
+        return None
+
+
 def schema_processor(tokenizer: Any, schema: dict[str, Any] | None) -> Any:
     """A transformers ``LogitsProcessor`` that allows only continuations valid under ``schema``
     (``None``: any JSON object). Use a fresh one per ``generate`` call."""
@@ -100,7 +118,12 @@ def schema_processor(tokenizer: Any, schema: dict[str, Any] | None) -> Any:
     # So whitespace is limited here: never a token of only whitespace longer than one character,
     # and no whitespace-led token right after one that ended in whitespace.
     always, after_ws, ends_ws = _whitespace_sets(table)
-    parser = lmfe.JsonSchemaParser(enforceable_schema(schema))
+    regex = grammar_regex(schema)
+    if regex is not None:  # the grammar every engine enforces: its whitespace is bounded already
+        parser = lmfe.RegexParser(regex)
+        always, after_ws = frozenset(), frozenset()
+    else:
+        parser = lmfe.JsonSchemaParser(enforceable_schema(schema))
     enforcer = te.TokenEnforcer(table, parser)
     eos = tokenizer.eos_token_id
 

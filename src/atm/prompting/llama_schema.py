@@ -6,6 +6,7 @@ llama-server engine sends every request schema through ``llama_safe_schema`` fir
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 
@@ -87,18 +88,20 @@ def llama_regex(rx: str) -> str:
 
 
 def answer_gbnf(schema: dict[str, Any]) -> str:
-    """The answer schema as a llama.cpp grammar that admits one leading space.
+    """A JSON schema as THE llama.cpp grammar ATM enforces on every engine: compact JSON (at most
+    one space between tokens), properties in schema order, one optional leading space.
 
     Sentencepiece-style vocabularies (the tiny model's) start the trained answer with the
-    word-start token ' {"', which the stock schema grammar (it must begin with '{') forbids,
-    pushing the model off its own distribution at the first token. The strict parser strips
-    surrounding whitespace, so the answer is unchanged.
+    word-start token ' {"', which llama-server's own schema grammar (it must begin with '{')
+    forbids, pushing the model off its own distribution at the first token. The strict parser
+    strips surrounding whitespace, so the answer is unchanged. Regexes go through
+    ``llama_safe_schema`` first (a ``ValueError`` names a pattern llama.cpp cannot enforce).
     """
     import json
 
     from llama_cpp.llama_grammar import json_schema_to_gbnf
 
-    g = json_schema_to_gbnf(json.dumps(schema))
+    g = json_schema_to_gbnf(json.dumps(llama_safe_schema(schema)))
     lines = [("root0 ::=" + ln[len("root ::="):]) if ln.startswith("root ::=") else ln for ln in g.splitlines()]
     return "\n".join([*lines, 'root ::= " "? root0'])
 
@@ -123,3 +126,75 @@ def change_gbnf(schema: dict[str, Any]) -> str:
             ln = "root ::= " + body
         out.append(ln)
     return "\n".join(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# a (non-recursive) grammar as a regular expression: transformers' constrained decoder
+
+
+_GBNF_TOKEN = re.compile(r"""\s+|"(?:\\.|[^"\\])*"|\[(?:\\.|[^\]\\])*\]|[A-Za-z0-9_-]+|\{\d*(?:,\d*)?\}|[()|?*+.]""")
+
+
+def _gbnf_literal(lit: str) -> str:
+    body = lit[1:-1]
+    out, i = [], 0
+    while i < len(body):
+        c = body[i]
+        if c == "\\" and i + 1 < len(body):
+            n = body[i + 1]
+            if n in "xuU":
+                width = {"x": 2, "u": 4, "U": 8}[n]
+                out.append(chr(int(body[i + 2:i + 2 + width], 16)))
+                i += 2 + width
+                continue
+            out.append({"n": "\n", "t": "\t", "r": "\r"}.get(n, n))
+            i += 2
+            continue
+        out.append(c)
+        i += 1
+    text = "".join("\\" + c if c in _REGEX_SPECIAL or c in "\\-" else c for c in out)
+    return text if len(out) == 1 else "(?:" + text + ")"
+
+
+def gbnf_regex(gbnf: str, root: str = "root") -> str:
+    """The language of a non-recursive GBNF grammar (as ``answer_gbnf`` writes them) as a Python
+    regular expression: rules inlined as groups, literals escaped, character classes kept. A
+    recursive grammar (any JSON object) has no regex: ``ValueError``."""
+    rules: dict[str, str] = {}
+    name = None
+    for line in gbnf.splitlines():
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        if "::=" in line and re.match(r"^\s*[A-Za-z0-9_-]+\s*::=", line):
+            name, _, body = line.partition("::=")
+            name = name.strip()
+            rules[name] = body
+        elif name is not None:
+            rules[name] += " " + line
+
+    def expand(rule: str, stack: tuple[str, ...]) -> str:
+        if rule in stack:
+            raise ValueError(f"grammar rule {rule!r} is recursive: no regular expression")
+        if rule not in rules:
+            raise ValueError(f"grammar rule {rule!r} is not defined")
+        out = []
+        for m in _GBNF_TOKEN.finditer(rules[rule]):
+            tok = m.group(0)
+            if tok.isspace():
+                continue
+            if tok.startswith('"'):
+                out.append(_gbnf_literal(tok))
+            elif tok.startswith("["):
+                out.append(tok)
+            elif tok in "()|?*+" or tok.startswith("{"):
+                out.append("(?:" if tok == "(" else tok)
+            elif tok == ".":
+                out.append("[\\s\\S]")
+            else:
+                out.append("(?:" + expand(tok, (*stack, rule)) + ")")
+        text = "".join(out)
+        if len("".join(_GBNF_TOKEN.findall(rules[rule])).replace(" ", "")) != len(rules[rule].replace(" ", "")):
+            raise ValueError(f"grammar rule {rule!r}: cannot read {rules[rule]!r}")
+        return text
+
+    return expand(root, ())

