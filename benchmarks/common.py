@@ -11,6 +11,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from run_all import RESULTS, machine  # noqa: E402
 
+try:  # CPUs with AMX: llama.cpp's AMX repacking segfaults on small models (atm.export.llamacpp)
+    from atm.export.llamacpp import no_amx_repack
+
+    no_amx_repack()
+except ImportError:
+    pass
+
 
 def peak_rss_mb() -> float:
     import resource

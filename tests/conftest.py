@@ -35,6 +35,15 @@ if "ATM_TOKENIZED_CACHE" not in os.environ:
     os.environ["ATM_TOKENIZED_CACHE"] = tempfile.mkdtemp(prefix="atm-test-tokenized-")
     atexit.register(shutil.rmtree, os.environ["ATM_TOKENIZED_CACHE"], True)
 
+# CPUs with AMX: llama.cpp's AMX weight repacking segfaults on the tiny model; tests that make
+# llama_cpp.Llama objects of their own get what ATM's runtime gets (atm.export.llamacpp.no_amx_repack).
+try:
+    from atm.export.llamacpp import no_amx_repack
+
+    no_amx_repack()
+except ImportError:  # llama-cpp-python not installed: those tests skip
+    pass
+
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "datasets" / "samples" / "binance"
 ARTIFACTS = ROOT / "test-artifacts"
