@@ -75,7 +75,10 @@ def test_atm_loglik_probabilities_match_full_evaluation(tiny_gguf, sample_datase
     meta = json.loads((sample_dataset / "dataset.json").read_text())
     prov = AtmProvider("atm:q8", "q8", dataset_meta=meta)
     prov._load()
-    items = {it["id"]: it for it in model_items(load_items(sample_dataset, "verify").iloc[:12])}
+    from atm.eval.rundir import spaced_rows
+
+    verify = load_items(sample_dataset, "verify")
+    items = {it["id"]: it for it in model_items(verify.iloc[spaced_rows(len(verify), 12)])}  # what --limit 12 took
     ref = llama_cpp.Llama(str(prov.entry.path), n_ctx=2048, n_threads=1, logits_all=True, verbose=False)
     for r in recs[:3]:
         prompt, add_bos = prov.prompt_text(items[r["id"]]["prompt"])
