@@ -176,6 +176,7 @@ def make_throughput_callback():
             self.seconds = 0.0
 
         def on_train_begin(self, args, state, control, **kw):
+            self.peak = matmul_gflops()
             self.t0 = time.time()
             self.excluded = 0.0
 
@@ -186,9 +187,25 @@ def make_throughput_callback():
         def summary(self) -> dict[str, Any]:
             s = self.seconds
             return {"tokens": self.tokens, "padded_tokens": self.padded, "seconds": round(s, 2),
-                    "tokens_per_s": round(self.tokens / s, 1) if s > 0 else None}
+                    "tokens_per_s": round(self.tokens / s, 1) if s > 0 else None,
+                    "fp32_matmul_gflops": getattr(self, "peak", None)}
 
     return Throughput()
+
+
+def matmul_gflops(seconds: float = 1.0) -> float:
+    """This process's fp32 matmul rate (GFLOP/s) on a (512 x 576) @ (576 x 1536) product, the
+    shape of a SmolLM2 MLP projection at a batch of 512 tokens, with torch's current threads: the
+    peak a training step's FLOP rate is compared with, measured where and when it trains."""
+    import torch
+
+    a, b = torch.randn(512, 576), torch.randn(576, 1536)
+    torch.mm(a, b)
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        torch.mm(a, b)
+        n += 1
+    return round(2 * 512 * 576 * 1536 * n / (time.perf_counter() - t0) / 1e9, 1)
 
 
 def count_batch_tokens(throughput, inputs: dict[str, Any]) -> None:
