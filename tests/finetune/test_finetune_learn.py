@@ -63,3 +63,16 @@ def test_context_ablation_gives_every_item_another_items_prompt():
     assert sorted(it["context"] for it in items) == sorted(f"c{i}" for i in range(50))
     assert all(it["prompt"][0]["content"] == it["context"] for it in items)
     assert SuiteConfig(context_ablation="shuffle").context_ablation == "shuffle"
+
+
+def test_advice_end_cuts_after_the_advice_value():
+    from atm.finetune.sft import advice_end
+
+    pieces = ['{"', 'advice', '":', ' "', 'NO', 'OP', '",', ' "', 'predicted', '_open', '_change', '":', ' "1.0"}']
+
+    class Tok:
+        def decode(self, ids):
+            return "".join(pieces[i] for i in ids)
+
+    assert advice_end(Tok(), list(range(len(pieces)))) == 7  # through '",'
+    assert advice_end(Tok(), [0, 1, 2]) is None

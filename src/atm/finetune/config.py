@@ -48,6 +48,11 @@ class SftSettings(AtmConfig):
                                        "with any chat template (real families' official ones have "
                                        "no generation markers). Set assistant_only_loss false.")
     packing: bool = Field(False, description="Pack several conversations into one sequence.")
+    loss_on: Literal["answer", "advice"] = Field(
+        "answer", description="With completion_only_loss: 'answer' trains every token of the answer; "
+        "'advice' only the answer's tokens up to its advice value (an advice-first answer: "
+        "{\"advice\": \"BUY\"), so a predicted change that is noise does not drown the advice "
+        "in the loss; constrained decoding still writes a valid change.")
 
 
 class OrpoSettings(AtmConfig):

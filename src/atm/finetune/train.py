@@ -302,9 +302,13 @@ def build_trainer(method: str, cfg: FinetuneConfig, model, tok, train_ds, callba
                              dataset_num_proc=cfg.dataset_num_proc)
         trainer = trl.SFTTrainer(model=model, args=args, train_dataset=train_ds, processing_class=tok,
                                  peft_config=peft_cfg, callbacks=callbacks)
-        from atm.finetune.sft import score_label_positions_only
+        from atm.finetune.sft import advice_labels_only, score_label_positions_only
 
         score_label_positions_only(trainer)  # CPU: TRL's fused head would score every position
+        if cfg.sft.loss_on == "advice":
+            if not cfg.sft.completion_only_loss:
+                raise ConfigError("sft.loss_on=advice needs sft.completion_only_loss=true")
+            advice_labels_only(trainer, tok)
         return trainer
     if method == "orpo":
         from atm.finetune.orpo import build_orpo_trainer
