@@ -22,10 +22,11 @@ ROOT = HERE.parent
 RESULTS = HERE / "results"
 DOC = ROOT / "docs" / "benchmarks.md"
 ORDER = ["data", "prompts", "tokens", "families", "finetune", "finetune-smollm2", "export", "quant-smollm2",
-         "serve", "eval", "eval-smollm2", "backtest"]
+         "serve", "eval", "eval-smollm2", "backtest", "learn-smollm2"]
 # Results made by another script or mode than bench_<name>.py: name -> (script, arguments).
 RUNS = {"finetune-smollm2": ("bench_finetune.py", ["--smollm2"]),
-        "eval-smollm2": ("bench_eval_smollm2.py", []), "quant-smollm2": ("bench_quant_smollm2.py", [])}
+        "eval-smollm2": ("bench_eval_smollm2.py", []), "quant-smollm2": ("bench_quant_smollm2.py", []),
+        "learn-smollm2": ("bench_learn_smollm2.py", [])}  # collects a run of demos/smollm2-learn.yaml
 
 
 def machine() -> str:

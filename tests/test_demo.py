@@ -33,7 +33,7 @@ def test_tiny_profile_is_the_default():
 
 def test_unknown_profile_lists_the_known_ones(cli):
     proc = cli("demo", "--profile", "gpt-9", check=False)
-    assert proc.returncode != 0 and "no demo profile 'gpt-9'" in proc.stderr and "smollm2, tiny" in proc.stderr
+    assert proc.returncode != 0 and "no demo profile 'gpt-9'" in proc.stderr and "smollm2, smollm2-learn, tiny" in proc.stderr
 
 
 def test_balanced_training_rows(sample_dataset):

@@ -19,7 +19,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from pydantic import Field, field_validator
 
@@ -48,6 +48,10 @@ class DemoConfig(AtmConfig):
     recipe: str = Field("finetune/tiny-cpu.yaml", description="training recipe for SFT and ORPO")
     sft_steps: int = Field(150, description="SFT warm-up steps (tiny model, CPU)")
     orpo_steps: int = Field(60, description="ORPO steps after the warm-up")
+    sft_set: list[str] = Field(default_factory=list, description="extra recipe overrides (KEY=VALUE) for "
+                               "the SFT stage, e.g. random_init=true for the random-weight control")
+    orpo_set: list[str] = Field(default_factory=list, description="extra recipe overrides (KEY=VALUE) for "
+                                "the ORPO stage, e.g. learning_rate=2e-4")
     name: str = Field("atm", description="registry name of the exported model (atm:f16|q8|q4)")
     quants: list[str] = Field(default_factory=lambda: ["q8_0", "q4_k_m"], description="GGUF quant types")
     eval_models: list[str] = Field(
@@ -278,18 +282,24 @@ def run_pipeline(pipe: Pipeline) -> int:
             from atm.finetune.merge import merge
             from atm.finetune.train import train
 
+            extra = list(cfg.sft_set if method == "sft" else cfg.orpo_set)
             run_dir = train(method, recipe, overrides=[f"model={model}", f"data={ds}",
-                                                       f"output_dir={work / method}", f"max_steps={steps}"])
+                                                       f"output_dir={work / method}", f"max_steps={steps}",
+                                                       *extra])
             merged = merge(run_dir, work / f"{method}-merged")
             return {"outputs": [str(merged)], "run": str(run_dir)}
         return fn
 
     # SFT warm-up first (a cold model gets no preference signal), then ORPO on the merged SFT model.
-    pipe.stage("sft", total, ["base"], {"recipe": recipe.read_text(), "steps": cfg.sft_steps},
-               train_and_merge("sft", base_dir, cfg.sft_steps))
+    sft_key: dict[str, Any] = {"recipe": recipe.read_text(), "steps": cfg.sft_steps}
+    orpo_key: dict[str, Any] = {"recipe": recipe.read_text(), "steps": cfg.orpo_steps}
+    if cfg.sft_set:  # only when set: the keys of runs made before the option stay valid
+        sft_key["set"] = cfg.sft_set
+    if cfg.orpo_set:
+        orpo_key["set"] = cfg.orpo_set
+    pipe.stage("sft", total, ["base"], sft_key, train_and_merge("sft", base_dir, cfg.sft_steps))
     sft_merged = pipe.results["sft"]["outputs"][0]
-    pipe.stage("orpo", total, ["sft"], {"recipe": recipe.read_text(), "steps": cfg.orpo_steps},
-               train_and_merge("orpo", sft_merged, cfg.orpo_steps))
+    pipe.stage("orpo", total, ["sft"], orpo_key, train_and_merge("orpo", sft_merged, cfg.orpo_steps))
     merged = pipe.results["orpo"]["outputs"][0]
 
     def export() -> dict:

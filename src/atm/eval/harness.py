@@ -21,7 +21,7 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Literal, Sequence
 
 from pydantic import Field
 
@@ -75,6 +75,12 @@ class SuiteConfig(AtmConfig):
     metrics: MetricsSpec = Field(default_factory=MetricsSpec, description="metric settings")
     generation: GenerationSpec = Field(default_factory=GenerationSpec, description="LLM request settings")
     backtest: dict[str, Any] = Field(default_factory=dict, description="atm.eval.backtest.BacktestConfig fields")
+    context_ablation: Literal["none", "shuffle"] = Field(
+        "none", description="control: 'shuffle' gives every item the prompt (so the context) of another "
+        "item of the selection (a seeded permutation), labels unchanged; a model that reads its context "
+        "drops to chance. Only prompt-reading models (LLMs) see it; baselines and classic models read "
+        "the klines. Use its own --out.")
+    ablation_seed: int = Field(0, description="seed of the context_ablation permutation")
 
 
 def suites_dir() -> Path:
@@ -231,6 +237,24 @@ def model_items(df) -> list[dict[str, Any]]:
     return out
 
 
+def shuffle_contexts(items: list[dict[str, Any]], seed: int = 0) -> None:
+    """Give each item another item's ``prompt`` (and ``context``), in place: a seeded permutation
+    with no item keeping its own (when there are two or more): the context-ablation control."""
+    import numpy as np
+
+    n = len(items)
+    if n < 2:
+        return
+    order = np.random.default_rng(seed).permutation(n)
+    perm = np.empty(n, dtype=np.int64)
+    perm[order] = np.roll(order, -1)  # one cycle through a random order: nobody keeps their own
+    for key in ("prompt", "context"):
+        if all(key in it for it in items):
+            vals = [items[int(k)][key] for k in perm]
+            for it, v in zip(items, vals):
+                it[key] = v
+
+
 # ---------------------------------------------------------------------------------- running
 def _expand_models(models: Sequence[str], suite: SuiteConfig, with_baselines: bool) -> list[str]:
     out: list[str] = []
@@ -372,6 +396,9 @@ def _run(out: Path, models, suite: SuiteConfig, df, ids, data_info, card, datase
     manifest["specs"] = list(dict.fromkeys([*manifest.get("specs", []), *specs]))  # every model asked, started or not
     rundir.write_manifest(out, manifest)
     m_items = model_items(df)
+    if suite.context_ablation == "shuffle":
+        shuffle_contexts(m_items, suite.ablation_seed)
+        log.info("context ablation: every item's prompt is another item's (seed %d)", suite.ablation_seed)
     phashes = [prompt_hash(it.get("prompt")) for it in m_items]
     train_cache: list[dict] | None = None
 

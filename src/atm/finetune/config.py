@@ -48,6 +48,11 @@ class SftSettings(AtmConfig):
                                        "with any chat template (real families' official ones have "
                                        "no generation markers). Set assistant_only_loss false.")
     packing: bool = Field(False, description="Pack several conversations into one sequence.")
+    loss_on: Literal["answer", "advice"] = Field(
+        "answer", description="With completion_only_loss: 'answer' trains every token of the answer; "
+        "'advice' only the answer's tokens up to its advice value (an advice-first answer: "
+        "{\"advice\": \"BUY\"), so a predicted change that is noise does not drown the advice "
+        "in the loss; constrained decoding still writes a valid change.")
 
 
 class OrpoSettings(AtmConfig):
@@ -88,6 +93,18 @@ class DapoSettings(AtmConfig):
                                 "score_advice (the eval scorer) as the task reward.")
 
 
+class CurveSettings(AtmConfig):
+    """A learning curve: balanced accuracy on a fixed validation slice from the end of train,
+    scored at checkpoints (atm.finetune.curve). SFT and ORPO; off when ``every`` is 0."""
+
+    every: int = Field(0, ge=0, description="Score the slice every N optimizer steps (and before the "
+                       "first and after the last); 0: no curve and no slice held out.")
+    per_class: int = Field(40, ge=1, description="Validation rows per advice class: the last ones "
+                           "of the train split (held out of training).")
+    embargo: int = Field(30, ge=0, description="Train rows dropped before the slice's first row.")
+    batch_size: int = Field(32, ge=1, description="Prompts per forward pass while scoring.")
+
+
 class FinetuneConfig(AtmConfig):
     """A training recipe. Paths are resolved against the current directory."""
 
@@ -108,6 +125,15 @@ class FinetuneConfig(AtmConfig):
                                  "class has, or max_train_samples / 3), in their chronological "
                                  "order. The seed label is ~91% NOOP on the sample, and an "
                                  "unbalanced SFT learns to always answer NOOP. SFT and ORPO only.")
+    balanced_batches: bool = Field(False, description="With balance_labels: feed the rows in a "
+                                   "fixed interleaved order (BUY, NOOP, SELL, BUY, ..., each class "
+                                   "shuffled by the seed) instead of a random shuffle, so every batch "
+                                   "holds each class about equally.")
+    random_init: bool = Field(False, description="Control: the base model's architecture with random "
+                              "weights (seeded), trained with the same recipe: whether pretraining "
+                              "matters.")
+    curve: CurveSettings = Field(default_factory=CurveSettings, description="Learning curve on a "
+                                 "validation slice from the end of train.")
     learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate.")
     lr_scheduler_type: str = Field("cosine", description="transformers scheduler name.")
     warmup_ratio: float = Field(0.03, ge=0, le=1, description="Fraction of steps for LR warm-up.")

@@ -74,3 +74,38 @@ def score_label_positions_only(trainer) -> bool:
     log.info("SFT on %s: the LM head scores only labelled positions (TRL's fused head scores every "
              "position without Triton)", trainer.args.device.type)
     return True
+
+
+def advice_end(tok, ids: list[int]) -> int | None:
+    """How many of the answer tokens ``ids`` it takes to write the advice value completely
+    (``{"advice": "BUY`` plus the token that holds its closing quote); None if it never does."""
+    from atm.constants import ADVICES
+    from atm.prompting.answer import ADVICE_KEY
+
+    for j in range(1, len(ids) + 1):
+        text = tok.decode(ids[:j])
+        m = ADVICE_KEY.search(text)
+        if m and any(text[m.end():].startswith(a + '"') for a in ADVICES):
+            return j
+    return None
+
+
+def advice_labels_only(trainer, tok) -> None:
+    """SFT loss on the advice only (``sft.loss_on: advice``): the collator's labels are cut after
+    the token that closes the advice value of each row's answer."""
+    collate = trainer.data_collator
+
+    def collator(features):
+        batch = collate(features)
+        labels = batch["labels"]
+        for r in range(labels.shape[0]):
+            pos = (labels[r] != -100).nonzero().flatten()
+            if not len(pos):
+                continue
+            k = advice_end(tok, labels[r, pos].tolist())
+            if k is not None:
+                labels[r, pos[k:]] = -100
+        return batch
+
+    trainer.data_collator = collator
+    log.info("SFT loss on the advice value only (sft.loss_on=advice)")

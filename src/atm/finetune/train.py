@@ -79,7 +79,23 @@ def load_model_for_training(cfg: FinetuneConfig):
         kw["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
     if cfg.bf16 and not cfg.load_in_4bit:
         kw["dtype"] = "bfloat16"
-    return load_base(cfg.model, trust_remote_code=cfg.trust_remote_code, **kw)
+    model, tok = load_base(cfg.model, trust_remote_code=cfg.trust_remote_code, **kw)
+    if cfg.random_init:
+        model = random_twin(model, cfg.seed)
+    return model, tok
+
+
+def random_twin(model, seed: int):
+    """The same architecture and config with freshly initialised (seeded) weights: the random-init
+    control (is it the pretraining that makes a fine-tuned model good?)."""
+    torch = require("torch", "train")
+    if getattr(model, "is_quantized", False):
+        raise ConfigError("random_init: not with a quantized (4-bit) base")
+    torch.manual_seed(seed)
+    twin = type(model)(model.config).to(dtype=next(model.parameters()).dtype)
+    log.info("random_init: %s with random weights (seed %d) instead of %s's trained ones",
+             type(model).__name__, seed, getattr(model.config, "_name_or_path", "the base"))
+    return twin
 
 
 def _check_qlora(torch) -> None:
@@ -304,9 +320,13 @@ def build_trainer(method: str, cfg: FinetuneConfig, model, tok, train_ds, callba
                              dataset_num_proc=cfg.dataset_num_proc)
         trainer = trl.SFTTrainer(model=model, args=args, train_dataset=train_ds, processing_class=tok,
                                  peft_config=peft_cfg, callbacks=callbacks)
-        from atm.finetune.sft import score_label_positions_only
+        from atm.finetune.sft import advice_labels_only, score_label_positions_only
 
         score_label_positions_only(trainer)  # CPU: TRL's fused head would score every position
+        if cfg.sft.loss_on == "advice":
+            if not cfg.sft.completion_only_loss:
+                raise ConfigError("sft.loss_on=advice needs sft.completion_only_loss=true")
+            advice_labels_only(trainer, tok)
         return trainer
     if method == "orpo":
         from atm.finetune.orpo import build_orpo_trainer
@@ -345,6 +365,56 @@ def balanced_rows(method: str, ds, limit: int | None):
     return ds.select(keep), {a: per for a in ADVICES}
 
 
+def interleave_classes(method: str, ds, seed: int):
+    """``ds`` reordered BUY, NOOP, SELL, BUY, ... (each class shuffled with ``seed``), so that any
+    run of consecutive rows, a batch, holds the classes about equally (balanced_batches)."""
+    import random
+
+    from atm.prompting.advice import parse_advice
+    from atm.prompting.template import ADVICES
+
+    col = "messages" if method == "sft" else "chosen"
+    by_class: dict[str, list[int]] = {a: [] for a in ADVICES}
+    for i, msgs in enumerate(ds[col]):
+        a = parse_advice(msgs[-1]["content"]).advice
+        by_class.setdefault(a, []).append(i)
+    rng = random.Random(seed)
+    for v in by_class.values():
+        rng.shuffle(v)
+    order, k = [], 0
+    while any(k < len(v) for v in by_class.values()):
+        order += [v[k] for v in by_class.values() if k < len(v)]
+        k += 1
+    return ds.select(order)
+
+
+def _in_order(trainer) -> None:
+    """Make the trainer read its training rows in dataset order (balanced_batches has set it)."""
+    import types
+
+    torch = require("torch", "train")
+
+    def sampler(self, *args, **kw):
+        return torch.utils.data.SequentialSampler(self.train_dataset)
+
+    trainer._get_train_sampler = types.MethodType(sampler, trainer)
+
+
+def _count_tokens(trainer, throughput) -> None:
+    """Count each training batch's real and padded tokens (atm.finetune.curve.Throughput)."""
+    import types
+
+    from atm.finetune.curve import count_batch_tokens
+
+    inner = trainer.training_step
+
+    def step(self, model, inputs, *args, **kw):
+        count_batch_tokens(throughput, inputs)
+        return inner(model, inputs, *args, **kw)
+
+    trainer.training_step = types.MethodType(step, trainer)
+
+
 def train(method: str, recipe: str | Path | None, overrides: Iterable[str] = ()) -> Path:
     """Run one training job; returns the run dir (LoRA adapter + tokenizer + logs)."""
     cfg = load_config(method, recipe, overrides)
@@ -357,8 +427,19 @@ def train(method: str, recipe: str | Path | None, overrides: Iterable[str] = ())
     view, columns = VIEWS[method]
     train_ds = load_split(cfg.data, view, "train", columns)
     label_counts = None
+    val_ds = None
+    if cfg.curve.every:
+        from atm.finetune.curve import holdout_rows
+
+        val_rows, pool = holdout_rows(train_ds, method, cfg.curve.per_class, cfg.curve.embargo)
+        val_ds = train_ds.select(val_rows)
+        train_ds = train_ds.select(pool)
     if cfg.balance_labels:
         train_ds, label_counts = balanced_rows(method, train_ds, cfg.max_train_samples)
+        if cfg.balanced_batches:
+            train_ds = interleave_classes(method, train_ds, cfg.seed)
+    elif cfg.balanced_batches:
+        raise ConfigError("balanced_batches needs balance_labels: true")
     elif cfg.max_train_samples:
         train_ds = train_ds.select(range(min(cfg.max_train_samples, len(train_ds))))
     resume_from = _resume_checkpoint(cfg)
@@ -367,6 +448,15 @@ def train(method: str, recipe: str | Path | None, overrides: Iterable[str] = ())
 
     transformers.set_seed(cfg.seed)
     model, tok = load_model_for_training(cfg)
+    random_base = None
+    if cfg.random_init and is_main_process():
+        # the adapter must be merged onto these random weights, not the trained base it names
+        from atm.finetune.base import copy_tokenizer_assets
+
+        random_base = run_dir / "random-base"
+        model.save_pretrained(str(random_base))
+        tok.save_pretrained(str(random_base))
+        copy_tokenizer_assets(cfg.model, random_base)
     # ORPO counts every row while it tokenizes them (atm.finetune.tokenized), in build_trainer
     lengths = None if method == "orpo" else check_lengths(method, cfg, model, tok, train_ds)
     run_info = {
@@ -376,7 +466,24 @@ def train(method: str, recipe: str | Path | None, overrides: Iterable[str] = ())
         "token_lengths": lengths, "balanced_labels": label_counts, "provenance": provenance(cfg),
         "precision_note": precision_note,
     }
-    trainer = build_trainer(method, cfg, model, tok, train_ds, make_callbacks(run_dir, method))
+    callbacks = make_callbacks(run_dir, method)
+    from atm.finetune.curve import make_curve_callback, make_throughput_callback
+
+    throughput = make_throughput_callback()
+    callbacks.append(throughput)
+    curve = None
+    if val_ds is not None:
+        rows_per_step = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
+        curve = make_curve_callback(tok, val_ds, method, cfg.curve.every, cfg.curve.batch_size,
+                                    rows_per_step, callbacks[0]._write, throughput)
+        callbacks.append(curve)
+        run_info["curve_slice"] = {"rows": len(val_ds), "per_class": cfg.curve.per_class,
+                                   "rule": "the last per_class rows of each advice in train; training "
+                                   "draws from the rows before them minus the embargo"}
+    trainer = build_trainer(method, cfg, model, tok, train_ds, callbacks)
+    if cfg.balanced_batches:
+        _in_order(trainer)
+    _count_tokens(trainer, throughput)
     prepared = getattr(trainer, "atm_prepared", None)
     if prepared is not None:
         run_info["token_lengths"] = prepared.info["token_lengths"]
@@ -391,6 +498,11 @@ def train(method: str, recipe: str | Path | None, overrides: Iterable[str] = ())
     t0 = time.time()
     result = trainer.train(resume_from_checkpoint=resume_from)
     trainer.save_model(str(run_dir))  # every rank: FSDP / ZeRO-3 gather the weights, rank 0 writes
+    if random_base is not None:
+        conf = run_dir / "adapter_config.json"
+        ac = json.loads(conf.read_text())
+        ac["base_model_name_or_path"] = str(random_base.resolve())
+        conf.write_text(json.dumps(ac, indent=2))
     if main:
         tok.save_pretrained(str(run_dir))
         from atm.finetune.base import copy_tokenizer_assets
@@ -402,7 +514,14 @@ def train(method: str, recipe: str | Path | None, overrides: Iterable[str] = ())
             "train_seconds": round(time.time() - t0, 2), "metrics": result.metrics,
             "trainable_parameters": sum(p.numel() for p in trainer.model.parameters()
                                         if p.requires_grad),
+            "throughput": throughput.summary(),
+            "curve": curve.points if curve is not None else None,
+            "rows_seen": state.global_step * cfg.per_device_train_batch_size
+            * cfg.gradient_accumulation_steps,
         })
+        log.info("%s: %s real tokens in %.0f s of steps: %s tokens/s (padding %.0f%% of the batches)",
+                 method, throughput.tokens, throughput.seconds, throughput.summary()["tokens_per_s"],
+                 100 * (1 - throughput.tokens / max(throughput.padded, 1)))
     trainer.accelerator.wait_for_everyone()  # the other ranks return once the run dir is complete
     return run_dir
 

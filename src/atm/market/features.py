@@ -212,3 +212,48 @@ def cci(high: pd.Series, low: pd.Series, close: pd.Series, window: int = 20) -> 
 def _zscore(x: pd.Series, window: int) -> pd.Series:
     r = x.rolling(window, min_periods=window)
     return (x - r.mean()) / r.std()
+
+
+# ------------------------------------------------------------------ window features
+# The handful of numbers the ``features-text`` encoder states (atm.prompting.encoders), as one
+# table so that a classic model can be given exactly the values the LLM reads.
+WINDOW_FEATURES = ("win_high", "win_low", "win_close_high", "win_close_low", "last_ret", "vol_ratio")
+
+
+def window_features(df: pd.DataFrame, lag: int = 10) -> pd.DataFrame:
+    """Minute ``t`` against the bar ``lag`` minutes before it, from bars ``t-lag .. t-1`` only.
+
+    - ``win_high``: high(t-1) / high(t-lag) - 1
+    - ``win_low``: low(t-1) / low(t-lag) - 1
+    - ``win_close_high``: close(t-1) / high(t-lag) - 1
+    - ``win_close_low``: close(t-1) / low(t-lag) - 1
+    - ``last_ret``: close(t-1) / close(t-2) - 1 (the last minute's change)
+    - ``vol_ratio``: volume(t-1) over the mean volume of t-lag .. t-1
+
+    The seed label compares minute t's high and low with those of t-lag (``atm.market.labels``):
+    these are the same comparisons one minute earlier. Rows before ``lag`` are NaN; a zero price or
+    a window without volume gives NaN, never ``inf``.
+    """
+    if lag < 2:
+        raise DataError(f"window_features: lag must be >= 2, got {lag}")
+    missing = [c for c in ("high", "low", "close", "volume") if c not in df.columns]
+    if missing:
+        raise DataError(f"kline frame lacks column(s) {missing} needed for window features")
+    high = pd.Series(df["high"].to_numpy(np.float64))
+    low = pd.Series(df["low"].to_numpy(np.float64))
+    close = pd.Series(df["close"].to_numpy(np.float64))
+    volume = pd.Series(df["volume"].to_numpy(np.float64))
+    ref = lag - 1  # as of the close of bar s = t-1, the reference bar t-lag is s-(lag-1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out = pd.DataFrame({
+            "win_high": high / high.shift(ref) - 1.0,
+            "win_low": low / low.shift(ref) - 1.0,
+            "win_close_high": close / high.shift(ref) - 1.0,
+            "win_close_low": close / low.shift(ref) - 1.0,
+            "last_ret": close / close.shift(1) - 1.0,
+            "vol_ratio": volume / volume.rolling(lag, min_periods=lag).mean(),
+        })
+    out = out.replace([np.inf, -np.inf], np.nan).shift(1)  # row t sees bars < t only
+    out.iloc[:lag] = np.nan  # every column from the same first minute (bar t-lag must exist)
+    out.index = df.index
+    return out[list(WINDOW_FEATURES)].astype(np.float64)

@@ -84,6 +84,28 @@ class ClassicConfig(AtmConfig):
     weight_decay: float = Field(1e-4, ge=0, description="cnn/lstm: AdamW weight decay")
     patience: int = Field(3, ge=1, description="cnn/lstm: epochs without validation improvement before stopping")
     threads: int = Field(1, ge=1, description="CPU threads (1 keeps results reproducible)")
+    features: Literal["window+indicators", "prompt"] = Field(
+        "window+indicators", description="what the model reads: the prompt's numeric window plus the "
+        "indicators (default), or 'prompt': exactly the numbers the dataset's encoder states, computed by "
+        "its compute_features (features-text: atm.market.features.window_features; natural: its "
+        "indicators) and nothing else: the LLM's numbers given to a classic model")
+
+
+def effective_feature_config(cfg: "ClassicConfig", meta: dict[str, Any]) -> dict[str, Any]:
+    """``cfg.feature_config``, or for ``features: prompt`` the dataset encoder that computes the
+    prompt's numbers (``{"encoder": {...}}``, read by ``design.compute_indicators``)."""
+    if cfg.features != "prompt":
+        return dict(cfg.feature_config)
+    enc = dict(meta.get("encoder") or {})
+    if not enc.get("name"):
+        raise AtmError("classic features=prompt: the dataset records no encoder")
+    from atm.prompting.encoders import get_encoder
+
+    e = get_encoder(**enc)
+    if not getattr(e, "needs_features", False):
+        raise AtmError(f"classic features=prompt: encoder {enc['name']!r} states raw values, not "
+                       "computed features; use the default features (its window) instead")
+    return {"encoder": enc}
 
 
 # ------------------------------------------------------------------------------------ data
@@ -287,7 +309,10 @@ def fit_classic(kl: pd.DataFrame, items: pd.DataFrame, cfg: ClassicConfig, meta:
     if len(df) < 20:
         raise AtmError(f"only {len(df)} labelled train items: too few to train classic:{cfg.model}")
     spec = window_spec_from_meta(meta, cfg.window, cfg.columns)
-    spec.update({"indicators": cfg.indicators, "feature_config": dict(cfg.feature_config)})
+    fc = effective_feature_config(cfg, meta)
+    if cfg.features == "prompt":
+        spec.update({"columns": [], "source": f"the prompt's own numbers ({fc['encoder']['name']}), no window"})
+    spec.update({"indicators": cfg.indicators or cfg.features == "prompt", "feature_config": fc})
     embargo = cfg.embargo if cfg.embargo is not None else int((meta.get("split") or {}).get("embargo", 180))
     times = _times_ns(df, kl)
     fit_pos, val_pos = val_split(times, cfg.val_fraction, embargo)
@@ -312,8 +337,8 @@ def fit_classic(kl: pd.DataFrame, items: pd.DataFrame, cfg: ClassicConfig, meta:
 
     fit_pos, y_fit, w_fit = yw(fit_pos)
     val_pos_k, y_val, w_val = yw(val_pos)
-    if features is None and cfg.indicators:
-        features = compute_indicators(kl, cfg.feature_config)
+    if features is None and spec["indicators"]:
+        features = compute_indicators(kl, fc)
     rows = df["row"].to_numpy(dtype=np.int64)
     d_fit = build_design(kl, rows[fit_pos], spec, features)
     d_val = build_design(kl, rows[val_pos_k], spec, features) if len(val_pos_k) else None
@@ -456,7 +481,8 @@ def walk_forward_eval(dataset_dir: str | Path, cfg: ClassicConfig, k: int, *, em
     times = pd.to_datetime(items["open_time"], utc=True) if "open_time" in items.columns else kl["open_time"].iloc[items["row"]]
     from atm.eval.classic.design import compute_indicators
 
-    features = compute_indicators(kl, cfg.feature_config) if cfg.indicators else None
+    fc = effective_feature_config(cfg, meta)
+    features = compute_indicators(kl, fc) if (cfg.indicators or cfg.features == "prompt") else None
     lab = meta.get("label") or {}
     horizon = int(lab.get("label_horizon") or lab.get("horizon") or 1)
     bt_fields = {"horizon": int(lab.get("horizon", 10) or 10), **(backtest or {})}

@@ -132,9 +132,18 @@ def build_design(df: pd.DataFrame, rows: np.ndarray, spec: dict[str, Any],
 
 
 def compute_indicators(df: pd.DataFrame, feature_config: dict[str, Any] | None) -> pd.DataFrame:
+    """The indicator table; ``{"encoder": {...}}`` instead gives the numbers that encoder's prompt
+    states (its ``compute_features``, ClassicConfig ``features: prompt``)."""
     from atm.market.features import FeatureConfig, compute_features
 
-    return compute_features(df, FeatureConfig(**(feature_config or {})))
+    fc = dict(feature_config or {})
+    if "encoder" in fc:
+        from atm.prompting.encoders import get_encoder
+
+        enc = get_encoder(**fc["encoder"])
+        feats = enc.compute_features(df)
+        return feats[enc.columns(feats)]
+    return compute_features(df, FeatureConfig(**fc))
 
 
 class Standardizer:
