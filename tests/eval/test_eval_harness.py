@@ -380,3 +380,9 @@ def test_a_failed_new_run_leaves_no_files(sample_dataset, tmp_path):
     p = _cli("run", "--model", "baseline:majorty", "--data", str(sample_dataset), "--no-baselines",
              "--out", str(out), check=False)
     assert p.returncode == 2 and out.is_dir() and not any(out.iterdir())
+
+
+def test_a_shard_says_which_items_it_took(sample_dataset, tmp_path):
+    p = _cli("run", "--model", "baseline:majority", "--data", str(sample_dataset), "--limit", "40", "--shard", "2/4",
+             "--no-baselines", "--no-report", "--set", "metrics.n_boot=20", "--out", str(tmp_path / "s"))
+    assert "shard 2/4: 10 of those items (every 4th one, from the 2nd)" in p.stdout.splitlines()

@@ -309,6 +309,9 @@ def run_eval(models: Sequence[str], suite: SuiteConfig, out: str | Path, *, data
             raise AtmError(f"shard {kn[0]}/{kn[1]} has no items: the selection holds {len(df)}")
         df = df.iloc[list(rows)].reset_index(drop=True)
         selection["shard"] = {"k": kn[0], "n": kn[1], "rule": rundir.SHARD_RULE}
+        if not quiet:
+            log.info("shard %d/%d: %s of those items (every %d%s one, from the %d%s)", kn[0], kn[1],
+                     f"{len(df):,}", kn[1], _ordinal(kn[1])[-2:], kn[0], _ordinal(kn[0])[-2:])
     ids = df["id"].astype(str).tolist()
     data_info = {"path": str(dataset_dir), "split": split, "items_file": str(ipath),
                  "items_sha256": sha256_file(ipath), "n_items": len(ids),
@@ -330,6 +333,10 @@ def run_eval(models: Sequence[str], suite: SuiteConfig, out: str | Path, *, data
         if fresh:
             _remove_unstarted(out, created)
         raise
+
+
+def _ordinal(k: int) -> str:
+    return f"{k}{'th' if 10 <= k % 100 <= 20 else {1: 'st', 2: 'nd', 3: 'rd'}.get(k % 10, 'th')}"
 
 
 def _say_selection(dataset_dir: Path, data: str | None, suite: SuiteConfig, split: str, split_given: bool,
