@@ -31,8 +31,10 @@ def lm_eval_and_atm_eval(lm_model: str, model_args: str, atm_spec: str, data, n:
     samples = [json.loads(x) for f in (out / "lmeval").rglob("samples_atm_advice_*.jsonl")
                for x in f.read_text().splitlines()]
     assert len(samples) == n
-    run_eval([atm_spec], load_suite(None, ["metrics.n_boot=100"]), out / "ae", data=str(data),
-             limit=n, with_baselines=False, quiet=True)
+    # lm-eval's --limit takes the first n documents; atm-eval's --limit spreads n over the split,
+    # so atm-eval takes the same first n minutes with `first`
+    run_eval([atm_spec], load_suite(None, ["metrics.n_boot=100", f"first={n}"]), out / "ae", data=str(data),
+             with_baselines=False, quiet=True)
     man = json.loads((out / "ae" / "manifest.json").read_text())
     recs = read_results(out / "ae" / man["models"][atm_spec]["file"])
     return [(s, recs[s["doc"]["id"]]) for s in samples]
