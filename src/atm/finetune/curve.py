@@ -209,7 +209,10 @@ def matmul_gflops(seconds: float = 1.0) -> float:
 
 
 def count_batch_tokens(throughput, inputs: dict[str, Any]) -> None:
-    """Add a batch's real and padded token counts (every ``*attention_mask`` column) to ``throughput``."""
+    """Add a batch's real and padded token counts (every ``*attention_mask`` column) to ``throughput``.
+    DAPO's steps take raw rows (a list of dicts) and make their tokens inside the step: not counted."""
+    if not hasattr(inputs, "items"):
+        return
     for k, v in inputs.items():
         if k.endswith("attention_mask") and hasattr(v, "sum"):
             if k.startswith("prompt_"):
