@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -108,9 +109,7 @@ def progress(iterable=None, total: int | None = None, desc: str = "", unit: str 
     too; ``ATM_NO_PROGRESS=0`` forces them on."""
     from tqdm.auto import tqdm
 
-    env = os.environ.get("ATM_NO_PROGRESS")
-    disable: bool | None = True if env == "1" else False if env == "0" else None
-    return tqdm(iterable, total=total, desc=desc, unit=unit, disable=disable, dynamic_ncols=True,
+    return tqdm(iterable, total=total, desc=desc, unit=unit, disable=progress_off(), dynamic_ncols=True,
                 file=sys.stderr, **kw)
 
 
@@ -152,19 +151,26 @@ def repo_root() -> Path | None:
 CPU_FLAGS_ENV = "ATM_CPU_FLAGS"  # stands in for /proc/cpuinfo's flags (tests of another CPU type)
 
 
+@functools.lru_cache(maxsize=1)
+def _cpuinfo() -> tuple[str, ...]:
+    """/proc/cpuinfo's lines up to the first blank one (the first CPU), read once per process."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            return tuple(iter(lambda: fh.readline().rstrip("\n") or None, None))
+    except OSError:
+        return ()
+
+
+def _cpuinfo_field(*keys: str) -> str | None:
+    return next((ln.split(":", 1)[1].strip() for ln in _cpuinfo() if ln.startswith(keys)), None)
+
+
 def cpu_flags() -> set[str]:
     """The CPU's feature flags (x86 ``flags``, Arm ``Features``), or ``$ATM_CPU_FLAGS``."""
     given = os.environ.get(CPU_FLAGS_ENV)
     if given is not None:
         return set(given.split())
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith(("flags", "Features")):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
+    return set((_cpuinfo_field("flags", "Features") or "").split())
 
 
 def cpu_native_bf16(flags: set[str] | None = None) -> bool:
@@ -177,12 +183,7 @@ def cpu_summary() -> dict[str, Any]:
     """What ``atm doctor`` and every artifact's provenance say about the CPU."""
     flags = cpu_flags()
     isa = next((f for f in ("avx512_bf16", "avx512f", "avx2") if f in flags), None)
-    model = None
-    try:
-        with open("/proc/cpuinfo") as fh:
-            model = next((ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")), None)
-    except OSError:
-        pass
+    model = _cpuinfo_field("model name")
     return {"model": model or platform.processor() or platform.machine(), "cores": os.cpu_count(),
             "isa": isa.replace("avx512f", "avx512") if isa else (platform.machine() or "unknown"),
             "native_bf16": cpu_native_bf16(flags)}
